@@ -1,0 +1,37 @@
+# Two commands work on a fresh machine: `make demo` and `make test`.
+# Each creates .venv when missing and installs the pinned versions first.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-slow demo protos bench clean
+
+setup: $(STAMP)
+
+# Reinstall when the dependencies change. torch and torchvision are pinned in
+# constraints.txt (a CUDA build of several GB; on this kind of machine pip takes
+# it from local disk).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[server,dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) scripts/demo.py
+
+# Regenerate client/tlserve/** from protos/ (tests/test_protos.py checks they are fresh).
+protos: setup
+	$(PY) scripts/gen_protos.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

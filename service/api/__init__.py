@@ -1,0 +1,1 @@
+"""The gRPC layer: servicers and interceptors. Thin: validate, call the domain, map errors."""

@@ -1,0 +1,159 @@
+"""Server interceptors: request ids, logs and metrics around every call, and the
+one table that maps domain errors to gRPC status codes.
+
+Both interceptors wrap a call in an async context manager (`around`), whatever
+the call's shape (unary or streaming either way), so each concern is written
+once. Order matters: the observing interceptor is outermost, so the status it
+records is the one the error interceptor mapped.
+
+- `ObserveInterceptor(metrics)`: takes the caller's `x-request-id` (or makes
+  one), returns it as trailing metadata, puts it in the logging context,
+  counts the call by method and final code, times it, and logs failures.
+- `ErrorInterceptor()`: a `TLServeError` becomes its status from
+  `STATUS_BY_ERROR` with the error's message; anything else is INTERNAL with
+  the request id for the client and the traceback in the log only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from service import errors, logs
+from service.metrics import GrpcMetrics
+
+log = logging.getLogger("tlserve.rpc")
+
+STATUS_BY_ERROR: dict[type[errors.TLServeError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+}
+
+REQUEST_ID_KEY = "x-request-id"
+# A caller's id is echoed into logs and metadata: keep it short and plain.
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+Around = Callable[[grpc.HandlerCallDetails, grpc.aio.ServicerContext], contextlib.AbstractAsyncContextManager]
+
+_HANDLER_FACTORIES = {
+    (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
+    (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
+    (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary"),
+    (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream"),
+}
+
+
+def method_label(full_method: str) -> str:
+    """"/tlserve.v1.TLServe/Predict" → "tlserve.v1.TLServe/Predict"."""
+    return full_method.lstrip("/")
+
+
+def _wrap_handler(handler: grpc.RpcMethodHandler, details: grpc.HandlerCallDetails, around: Around):
+    factory, attribute = _HANDLER_FACTORIES[(handler.request_streaming, handler.response_streaming)]
+    behavior = getattr(handler, attribute)
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async with around(details, context):
+                async for response in behavior(request, context):
+                    yield response
+
+    else:
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with around(details, context):
+                return await behavior(request, context)
+
+    return factory(
+        wrapped,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class _AroundInterceptor(grpc.aio.ServerInterceptor):
+    def around(self, details: grpc.HandlerCallDetails, context: grpc.aio.ServicerContext):
+        raise NotImplementedError
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED itself
+            return None
+        return _wrap_handler(handler, handler_call_details, self.around)
+
+
+class ObserveInterceptor(_AroundInterceptor):
+    def __init__(self, metrics: GrpcMetrics) -> None:
+        self._metrics = metrics
+
+    @contextlib.asynccontextmanager
+    async def around(self, details, context):
+        method = method_label(details.method)
+        given = dict(details.invocation_metadata or ()).get(REQUEST_ID_KEY, "")
+        request_id = given if _VALID_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
+        token = logs.request_id.set(request_id)
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        in_flight = self._metrics.in_flight.labels(method=method)
+        in_flight.inc()
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            yield
+            code = context.code() or grpc.StatusCode.OK
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except BaseException:
+            # An abort has set the code; any other escape is a server fault.
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            seconds = time.perf_counter() - start
+            in_flight.dec()
+            self._metrics.observe(method, code.name, seconds)
+            level = logging.DEBUG if code in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED) else logging.INFO
+            log.log(
+                level,
+                "rpc finished",
+                extra={"fields": {"method": method, "code": code.name, "duration_ms": round(seconds * 1e3, 3)}},
+            )
+            logs.request_id.reset(token)
+
+
+def status_for(error: errors.TLServeError) -> grpc.StatusCode:
+    for cls in type(error).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+class ErrorInterceptor(_AroundInterceptor):
+    @contextlib.asynccontextmanager
+    async def around(self, details, context):
+        try:
+            yield
+        except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
+            raise
+        except errors.TLServeError as e:
+            await context.abort(status_for(e), str(e))
+        except Exception:
+            request_id = logs.request_id.get()
+            log.exception("unhandled error", extra={"fields": {"method": method_label(details.method)}})
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"internal server error; the server log has details under request id {request_id}"
+            )

@@ -1,0 +1,168 @@
+"""Server settings: one object, read once at start-up from flags and `TLSERVE_*`
+environment variables.
+
+Every setting is a field of `Settings`; its flag is `--field-name` and its
+environment variable `TLSERVE_FIELD_NAME`. A flag beats the environment, which
+beats the default. `Settings.load(argv, environ)` parses, validates and prepares
+the home directory, and raises `ConfigError` with one line a person can act on.
+
+    settings = Settings.load(["--grpc-address", "127.0.0.1:0"], os.environ)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+
+from service.errors import ConfigError
+
+ENV_PREFIX = "TLSERVE_"
+MiB = 1024 * 1024
+
+
+def _setting(default, help: str, type=str):
+    return dataclasses.field(default=default, metadata={"help": help, "type": type})
+
+
+def _path(value: str) -> pathlib.Path:
+    return pathlib.Path(value).expanduser()
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError(f"must be a positive integer, got {value}")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if number < 0:
+        raise ValueError(f"must be >= 0, got {value}")
+    return number
+
+
+def _choice(*choices: str):
+    def parse(value: str) -> str:
+        if value.lower() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return value.lower()
+
+    return parse
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """Splits "host:port" (or "[v6]:port") into host and port; port 0 means any free port."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT with a port in 0..65535, got {address!r}")
+    return host, int(port)
+
+
+def _address(value: str) -> str:
+    split_address(value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    home: pathlib.Path = _setting(
+        pathlib.Path("var"), "directory for the database, artifacts, datasets and weights cache", _path
+    )
+    grpc_address: str = _setting("127.0.0.1:50051", "gRPC listen address HOST:PORT (port 0: any free port)", _address)
+    metrics_address: str = _setting(
+        "127.0.0.1:9464", "Prometheus metrics HTTP address HOST:PORT (port 0: any free port)", _address
+    )
+    data_root: pathlib.Path | None = _setting(
+        None, "directory that RegisterDataset and weights files may read from (default: HOME/data)", _path
+    )
+    max_receive_message_bytes: int = _setting(
+        64 * MiB, "largest request message accepted, in bytes (a batch of camera JPEGs fits)", _positive_int
+    )
+    max_send_message_bytes: int = _setting(64 * MiB, "largest response message sent, in bytes", _positive_int)
+    job_workers: int = _setting(1, "fine-tuning jobs run at once", _positive_int)
+    executor_threads: int = _setting(
+        max(2, min(8, os.cpu_count() or 2)), "threads for blocking work off the event loop", _positive_int
+    )
+    grace_seconds: float = _setting(
+        10.0, "on SIGTERM/SIGINT, seconds in-flight calls get to finish", _non_negative_float
+    )
+    log_level: str = _setting("info", "debug, info, warning or error", _choice("debug", "info", "warning", "error"))
+    log_format: str = _setting("json", "json (one object per line) or text", _choice("json", "text"))
+    ready_file: pathlib.Path | None = _setting(
+        None, "once serving, write the bound addresses here as JSON (for scripts and tests)", _path
+    )
+
+    # Everything lives under `home` (design: nothing is written outside it).
+    @property
+    def database_path(self) -> pathlib.Path:
+        return self.home / "tlserve.db"
+
+    @property
+    def artifacts_dir(self) -> pathlib.Path:
+        return self.home / "artifacts"
+
+    @property
+    def weights_dir(self) -> pathlib.Path:
+        return self.home / "weights"
+
+    @property
+    def datasets_dir(self) -> pathlib.Path:
+        return self.home / "datasets"
+
+    @property
+    def resolved_data_root(self) -> pathlib.Path:
+        return self.data_root if self.data_root is not None else self.home / "data"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        for f in dataclasses.fields(cls):
+            env = ENV_PREFIX + f.name.upper()
+            default = "HOME/data" if f.name == "data_root" else f.default
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                default=None,
+                metavar=f.name.split("_")[-1].upper(),
+                help=f"{f.metadata['help']} [env {env}; default {default}]",
+            )
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+        values = {}
+        for f in dataclasses.fields(cls):
+            env = ENV_PREFIX + f.name.upper()
+            raw, source = getattr(args, f.name, None), "--" + f.name.replace("_", "-")
+            if raw is None and environ.get(env):
+                raw, source = environ[env], env
+            if raw is None:
+                continue
+            try:
+                values[f.name] = f.metadata["type"](raw)
+            except ValueError as e:
+                raise ConfigError(f"{source}: {e}") from None
+        return cls(**values)
+
+    @classmethod
+    def load(cls, argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Settings:
+        """Parses flags and environment, then prepares the home directory."""
+        parser = argparse.ArgumentParser(prog="tlserve serve", description="Run the tlserve gRPC server.")
+        cls.add_arguments(parser)
+        settings = cls.from_namespace(parser.parse_args(list(argv)), os.environ if environ is None else environ)
+        settings.prepare_home()
+        return settings
+
+    def prepare_home(self) -> None:
+        """Creates the home layout and proves it is writable, or raises ConfigError."""
+        try:
+            for directory in (self.home, self.artifacts_dir, self.weights_dir, self.datasets_dir):
+                directory.mkdir(parents=True, exist_ok=True)
+            probe = self.home / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            reason = e.strerror or str(e)
+            raise ConfigError(f"home directory {self.home} is not usable: {reason} (set --home or TLSERVE_HOME)") from None

@@ -1,0 +1,67 @@
+"""What this server runs on: library versions, compute devices and ONNX Runtime
+execution providers. Read once at start-up for GetServerInfo and logs."""
+
+from __future__ import annotations
+
+import ctypes.util
+import dataclasses
+import functools
+import importlib.metadata
+import importlib.util
+
+# ONNX Runtime providers tlserve uses, in preference order (design: TensorRT →
+# CUDA → CPU); the available ones are intersected with this list.
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    name: str
+    description: str = ""
+    memory_total_bytes: int = 0
+
+
+def package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@functools.cache
+def devices() -> tuple[Device, ...]:
+    import torch
+
+    found = [Device("cpu")]
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(index)
+            found.append(Device(f"cuda:{index}", props.name, props.total_memory))
+    return tuple(found)
+
+
+@functools.cache
+def onnxruntime_providers() -> tuple[str, ...]:
+    """The providers that can run here. onnxruntime-gpu lists CUDA and TensorRT
+    as available whenever they are compiled in, GPU or not; they count only
+    with a CUDA device (and, for TensorRT, its runtime library) present."""
+    import onnxruntime
+
+    available = set(onnxruntime.get_available_providers())
+    has_gpu = any(d.name.startswith("cuda") for d in devices())
+    if not has_gpu:
+        available -= {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+    elif ctypes.util.find_library("nvinfer") is None and importlib.util.find_spec("tensorrt_libs") is None:
+        available.discard("TensorrtExecutionProvider")
+    return tuple(p for p in PREFERRED_PROVIDERS if p in available)
+
+
+@functools.cache
+def versions() -> dict[str, str]:
+    return {
+        "tlserve": package_version("tlserve"),
+        "torch": package_version("torch"),
+        "torchvision": package_version("torchvision"),
+        "onnxruntime": package_version("onnxruntime-gpu") if package_version("onnxruntime-gpu") != "unknown"
+        else package_version("onnxruntime"),
+    }

@@ -1,0 +1,201 @@
+"""Builds and runs the tlserve gRPC server.
+
+`create_server(settings)` opens the stores, binds the gRPC and metrics ports and
+wires servicers and interceptors, without starting anything, so a test can
+bind port 0 and read back `server.grpc_port`. `TLServeServer.start()` starts
+serving and flips health to SERVING; `stop(grace)` flips it to NOT_SERVING,
+stops taking calls, gives in-flight calls `grace` seconds, then closes the
+stores. `serve(settings)` does all that around SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import os
+import re
+import signal
+import tempfile
+
+import grpc
+from google.protobuf import timestamp_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from client.tlserve.v1 import tlserve_pb2, tlserve_pb2_grpc
+from service import hardware, metrics
+from service.api.interceptors import ErrorInterceptor, ObserveInterceptor
+from service.api.servicer import ServerState, TLServeServicer
+from service.config import Settings, split_address
+from service.errors import ConfigError
+from service.store import ArtifactStore, MetadataStore
+
+log = logging.getLogger("tlserve.server")
+
+TLSERVE_SERVICE = tlserve_pb2.DESCRIPTOR.services_by_name["TLServe"].full_name
+SERVICE_NAMES = (TLSERVE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+
+
+class TLServeServer:
+    def __init__(
+        self,
+        settings: Settings,
+        server: grpc.aio.Server,
+        health_servicer: health.aio.HealthServicer,
+        grpc_port: int,
+        metrics_server: metrics.MetricsServer,
+        metadata: MetadataStore,
+        artifacts: ArtifactStore,
+    ) -> None:
+        self.settings = settings
+        self.grpc_port = grpc_port
+        self.metrics_port = metrics_server.port
+        self.metadata = metadata
+        self.artifacts = artifacts
+        self._server = server
+        self._health = health_servicer
+        self._metrics_server = metrics_server
+        self._stopped = False
+
+    @property
+    def grpc_address(self) -> str:
+        host, _ = split_address(self.settings.grpc_address)
+        return f"{host}:{self.grpc_port}"
+
+    @property
+    def metrics_address(self) -> str:
+        return self._metrics_server.address
+
+    async def start(self) -> None:
+        await self._server.start()
+        for name in ("", TLSERVE_SERVICE):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.settings.ready_file is not None:
+            _write_atomically(
+                self.settings.ready_file,
+                json.dumps({"grpc_address": self.grpc_address, "metrics_address": self.metrics_address, "pid": os.getpid()}),
+            )
+        log.info(
+            "tlserve serving",
+            extra={
+                "fields": {
+                    "grpc_address": self.grpc_address,
+                    "metrics_address": self.metrics_address,
+                    "home": str(self.settings.home),
+                    "version": hardware.versions()["tlserve"],
+                }
+            },
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drains: NOT_SERVING first (load balancers stop routing), then no new
+        calls, then in-flight calls get `grace` seconds before being cancelled."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.settings.grace_seconds if grace is None else grace
+        log.info("draining", extra={"fields": {"grace_seconds": grace}})
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        self._metrics_server.stop()
+        self.metadata.close()
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()
+
+
+async def create_server(settings: Settings) -> TLServeServer:
+    """Opens the stores and binds the ports; raises ConfigError if a port can't be bound."""
+    metadata = MetadataStore(settings.database_path)
+    artifacts = ArtifactStore(settings.artifacts_dir)
+    removed = artifacts.remove_stale_temps()
+    if removed:
+        log.warning("removed partial artifacts left by a crash", extra={"fields": {"count": removed}})
+
+    server = grpc.aio.server(
+        interceptors=[ObserveInterceptor(metrics.GRPC), ErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+            ("grpc.max_send_message_length", settings.max_send_message_bytes),
+            # Without this, a second server on the same port binds silently and
+            # steals half the connections.
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    start_time = timestamp_pb2.Timestamp()
+    start_time.GetCurrentTime()
+    tlserve_pb2_grpc.add_TLServeServicer_to_server(TLServeServicer(ServerState(settings, start_time)), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", TLSERVE_SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(SERVICE_NAMES, server)
+
+    grpc_port, core_log = _bind(server, settings.grpc_address)
+    if grpc_port == 0:
+        metadata.close()
+        reason = _BIND_REASON.search(core_log)
+        raise ConfigError(
+            f"cannot listen for gRPC on {settings.grpc_address}: "
+            f"{reason.group(1) if reason else 'the address is in use or not local'} "
+            "(set --grpc-address or TLSERVE_GRPC_ADDRESS)"
+        )
+    try:
+        metrics_server = metrics.MetricsServer(settings.metrics_address)
+    except OSError as e:
+        metadata.close()
+        raise ConfigError(
+            f"cannot listen for metrics on {settings.metrics_address}: {e.strerror or e} "
+            "(set --metrics-address or TLSERVE_METRICS_ADDRESS)"
+        ) from None
+    metrics.BUILD_INFO.labels(version=hardware.versions()["tlserve"], torch_version=hardware.versions()["torch"]).set(1)
+    return TLServeServer(settings, server, health_servicer, grpc_port, metrics_server, metadata, artifacts)
+
+
+async def serve(settings: Settings) -> None:
+    """Runs until SIGTERM or SIGINT, then drains within the grace period."""
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(settings.executor_threads, thread_name_prefix="tlserve-worker")
+    )
+    server = await create_server(settings)
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await server.start()
+    await stop_requested.wait()
+    await server.stop()
+
+
+# gRPC core explains a failed bind only in its own stderr log, e.g.
+# "... (Error in bind for address '[::ffff:127.0.0.1]:42397': Address already in use)".
+_BIND_REASON = re.compile(r"Error in bind for address '[^']*': ([^)\n]+)")
+
+
+def _bind(server: grpc.aio.Server, address: str) -> tuple[int, str]:
+    """Binds `address`; returns the port (0 on failure) and what gRPC core logged.
+
+    The core writes bind errors straight to file descriptor 2; they are caught
+    here so that a failed start prints one clear line, not a core log dump.
+    """
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        return port, captured.read().decode(errors="replace")
+
+
+def _write_atomically(path, text: str) -> None:
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text(text)
+    os.replace(temp, path)

@@ -1,0 +1,39 @@
+"""Shared fixtures: a live server in a child process and a client talking to it."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.serverproc import ServerProcess
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory):
+    """One real server for the session's read-only integration tests."""
+    server = ServerProcess(tmp_path_factory.mktemp("live") / "home").start()
+    yield server
+    code = server.terminate()
+    assert code == 0, f"server exited with {code}:\n{server.log()}"
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    """Starts servers a test owns (to stop, signal or misconfigure); kills leftovers."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str, **kwargs) -> ServerProcess:
+        server = ServerProcess(tmp_path / f"home{len(started)}", *args, **kwargs)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+@pytest.fixture
+def client(live_server):
+    import client as tlclient
+
+    with tlclient.Client(live_server.address, timeout=30) as c:
+        yield c
