@@ -1,0 +1,406 @@
+"""The asyncio tlserve client: `Client`'s methods as coroutines over a grpc.aio channel.
+
+For services written with asyncio:
+
+    async with AsyncClient("tlserve:50051") as tl:
+        job = await tl.fine_tune(dataset="flowers", model_name="flowers", backbone="resnet18")
+        async for event in tl.watch_job(job.id):
+            print(event.epoch, event.val_accuracy)
+
+Requests are built, archives prepared and downloads verified by the same
+helpers in `_common` that the sync client uses; only the call wrappers differ.
+Server streams come back as async iterators. Create the client inside the
+event loop that uses it (a grpc.aio channel belongs to one loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterable, Iterable, Sequence
+from typing import Any, Generic, TypeVar
+
+import grpc
+import grpc.aio
+
+from client import _common as c
+from client._common import ProgressFn, TLServeError
+from client.tlserve.v1 import tlserve_pb2 as pb
+from client.tlserve.v1 import tlserve_pb2_grpc
+
+T = TypeVar("T")
+
+
+class AsyncResponseStream(Generic[T]):
+    """An async iterator over a server stream that raises TLServeError; `cancel()` ends it early."""
+
+    def __init__(self, call: Any, method: str) -> None:
+        self._call = call
+        self._method = method
+
+    def __aiter__(self) -> AsyncResponseStream[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        try:
+            response = await self._call.read()
+        except grpc.RpcError as err:
+            raise c.error_from_rpc(err, self._method) from err
+        if response is grpc.aio.EOF:
+            raise StopAsyncIteration
+        return response
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class AsyncClient:
+    """Asyncio client of one tlserve server; arguments as for `Client`."""
+
+    def __init__(
+        self,
+        address: str = "127.0.0.1:50051",
+        *,
+        timeout: float | None = 30.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        metadata: Sequence[tuple[str, str]] = (),
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+        self._owns_channel = channel is None
+        self._channel = channel or grpc.aio.insecure_channel(
+            address, options=c.channel_options(max_message_bytes)
+        )
+        self._stub = tlserve_pb2_grpc.TLServeStub(self._channel)
+
+    async def close(self) -> None:
+        if self._owns_channel:
+            await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- plumbing -------------------------------------------------------------
+
+    async def _unary(self, name: str, request: Any, timeout: float | None) -> Any:
+        try:
+            return await getattr(self._stub, name)(
+                request, timeout=self.timeout if timeout is None else timeout, metadata=self.metadata
+            )
+        except grpc.RpcError as err:
+            raise c.error_from_rpc(err, c.method_path(name)) from err
+
+    def _stream(self, name: str, request: Any, timeout: float | None) -> AsyncResponseStream[Any]:
+        call = getattr(self._stub, name)(request, timeout=timeout, metadata=self.metadata)
+        return AsyncResponseStream(call, c.method_path(name))
+
+    # --- health ---------------------------------------------------------------
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The grpc.health.v1 status of `service` ("" = the whole server), e.g. "SERVING"."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        method = c.method_path("Check", c.HEALTH_SERVICE)
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            response = await stub.Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self.metadata,
+            )
+        except grpc.RpcError as err:
+            raise c.error_from_rpc(err, method) from err
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    async def wait_until_serving(self, timeout: float, service: str = "") -> None:
+        """Polls health until SERVING; raises TLServeError(DEADLINE_EXCEEDED) after `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last = "no answer"
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TLServeError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"{self.address} not SERVING after {timeout:g}s (last: {last})",
+                    c.method_path("Check", c.HEALTH_SERVICE),
+                )
+            try:
+                last = await self.health(service, timeout=min(left, 5.0))
+                if last == "SERVING":
+                    return
+            except TLServeError as err:
+                last = str(err)
+            await asyncio.sleep(min(0.2, max(0.0, deadline - loop.time())))
+
+    # --- server and backbones -------------------------------------------------
+
+    async def get_server_info(self, *, timeout: float | None = None) -> pb.ServerInfo:
+        return await self._unary("GetServerInfo", pb.GetServerInfoRequest(), timeout)
+
+    async def list_backbones(
+        self, family: str = "", *, cached_only: bool = False, timeout: float | None = None
+    ) -> pb.ListBackbonesResponse:
+        request = pb.ListBackbonesRequest(family=family, cached_only=cached_only)
+        return await self._unary("ListBackbones", request, timeout)
+
+    # --- datasets ---------------------------------------------------------------
+
+    async def upload_dataset(
+        self,
+        path: str | os.PathLike[str],
+        name: str,
+        *,
+        split: pb.SplitOptions | None = None,
+        chunk_size: int = 1 << 20,
+        progress: ProgressFn | None = None,
+        timeout: float | None = None,
+    ) -> pb.Dataset:
+        """As `Client.upload_dataset`; zipping and hashing run in a worker thread."""
+        archive = await asyncio.to_thread(c.prepare_archive, path)
+        try:
+            requests = c.upload_requests(archive, name, c.split_options(split), chunk_size, progress)
+            try:
+                return await self._stub.UploadDataset(requests, timeout=timeout, metadata=self.metadata)
+            except grpc.RpcError as err:
+                raise c.error_from_rpc(err, c.method_path("UploadDataset")) from err
+        finally:
+            archive.cleanup()
+
+    async def register_dataset(
+        self, path: str, name: str, *, split: pb.SplitOptions | None = None, timeout: float | None = None
+    ) -> pb.Dataset:
+        request = pb.RegisterDatasetRequest(name=name, path=path, split=c.split_options(split))
+        return await self._unary("RegisterDataset", request, timeout)
+
+    async def get_dataset(self, dataset: str, *, timeout: float | None = None) -> pb.Dataset:
+        return await self._unary("GetDataset", pb.GetDatasetRequest(dataset=dataset), timeout)
+
+    async def list_datasets(
+        self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
+    ) -> pb.ListDatasetsResponse:
+        request = pb.ListDatasetsRequest(page_size=page_size, page_token=page_token)
+        return await self._unary("ListDatasets", request, timeout)
+
+    async def delete_dataset(self, dataset: str, *, timeout: float | None = None) -> pb.DeleteDatasetResponse:
+        return await self._unary("DeleteDataset", pb.DeleteDatasetRequest(dataset=dataset), timeout)
+
+    # --- jobs -------------------------------------------------------------------
+
+    async def fine_tune(
+        self,
+        request: pb.FineTuneRequest | None = None,
+        *,
+        dataset: str | None = None,
+        model_name: str | None = None,
+        backbone: str | None = None,
+        weights: str | pb.WeightsSource | None = None,
+        strategy: str | int | None = None,
+        trainable_groups: int | None = None,
+        epochs: int | None = None,
+        batch_size: int | None = None,
+        learning_rate: float | None = None,
+        optimizer: str | int | None = None,
+        training: pb.TrainingOptions | None = None,
+        augmentation: pb.AugmentationOptions | None = None,
+        devices: int | None = None,
+        seed: int | None = None,
+        image_size: int | None = None,
+        idempotency_key: str | None = None,
+        labels: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> pb.Job:
+        """As `Client.fine_tune`."""
+        # The keywords are exactly fine_tune_request's; pass them on by name.
+        kw = {k: v for k, v in locals().items() if k not in ("self", "request", "timeout")}
+        return await self._unary("FineTune", c.fine_tune_request(request, **kw), timeout)
+
+    async def get_job(self, job_id: str, *, timeout: float | None = None) -> pb.Job:
+        return await self._unary("GetJob", pb.GetJobRequest(job_id=job_id), timeout)
+
+    async def list_jobs(
+        self,
+        state: str | int | None = None,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> pb.ListJobsResponse:
+        request = pb.ListJobsRequest(
+            state=c.enum_value(pb.JobState, state), page_size=page_size, page_token=page_token
+        )
+        return await self._unary("ListJobs", request, timeout)
+
+    async def cancel_job(self, job_id: str, *, timeout: float | None = None) -> pb.Job:
+        return await self._unary("CancelJob", pb.CancelJobRequest(job_id=job_id), timeout)
+
+    def watch_job(self, job_id: str, *, timeout: float | None = None) -> AsyncResponseStream[pb.JobEvent]:
+        """Progress events of a job as an async iterator, the latest first."""
+        return self._stream("WatchJob", pb.WatchJobRequest(job_id=job_id), timeout)
+
+    # --- models -------------------------------------------------------------------
+
+    async def list_models(
+        self,
+        name: str = "",
+        *,
+        latest_only: bool = False,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+    ) -> pb.ListModelsResponse:
+        request = pb.ListModelsRequest(
+            name=name, latest_only=latest_only, page_size=page_size, page_token=page_token
+        )
+        return await self._unary("ListModels", request, timeout)
+
+    async def get_model(
+        self, model: str | pb.ModelRef, *, version: int | None = None, timeout: float | None = None
+    ) -> pb.Model:
+        return await self._unary("GetModel", pb.GetModelRequest(model=c.model_ref(model, version)), timeout)
+
+    async def delete_model(
+        self,
+        model: str | pb.ModelRef,
+        *,
+        version: int | None = None,
+        all_versions: bool = False,
+        timeout: float | None = None,
+    ) -> pb.DeleteModelResponse:
+        request = pb.DeleteModelRequest(model=c.model_ref(model, version), all_versions=all_versions)
+        return await self._unary("DeleteModel", request, timeout)
+
+    async def export_model(
+        self,
+        model: str | pb.ModelRef,
+        *,
+        version: int | None = None,
+        precision: str | int | None = None,
+        input_format: str | int | None = None,
+        include_embedding: bool = False,
+        opset: int = 0,
+        max_accuracy_drop_points: float | None = None,
+        calibration: pb.CalibrationOptions | None = None,
+        timeout: float | None = None,
+    ) -> pb.ModelArtifact:
+        request = c.export_request(
+            model,
+            version=version,
+            precision=precision,
+            input_format=input_format,
+            include_embedding=include_embedding,
+            opset=opset,
+            max_accuracy_drop_points=max_accuracy_drop_points,
+            calibration=calibration,
+        )
+        return await self._unary("ExportModel", request, timeout)
+
+    async def download_model(
+        self,
+        model: str | pb.ModelRef,
+        dest_path: str | os.PathLike[str],
+        *,
+        version: int | None = None,
+        precision: str | int | None = None,
+        format: str | int | None = None,
+        input_format: str | int | None = None,
+        chunk_size_bytes: int = 0,
+        progress: ProgressFn | None = None,
+        timeout: float | None = None,
+    ) -> pb.ModelArtifact:
+        """As `Client.download_model`."""
+        request = c.download_request(
+            model,
+            version=version,
+            format=format,
+            precision=precision,
+            input_format=input_format,
+            chunk_size_bytes=chunk_size_bytes,
+        )
+        stream = self._stream("DownloadModel", request, timeout)
+        receiver = c.ArtifactReceiver(dest_path, c.method_path("DownloadModel"), progress)
+        try:
+            async for response in stream:
+                receiver.feed(response)
+            return receiver.finish()
+        except BaseException:
+            stream.cancel()
+            receiver.abort()
+            raise
+
+    async def profile_model(
+        self,
+        model: str | pb.ModelRef,
+        *,
+        version: int | None = None,
+        variants: Iterable[pb.Variant | tuple[str | int, str | int]] = (),
+        batch_size: int = 0,
+        iterations: int = 0,
+        measure_accuracy: bool = False,
+        timeout: float | None = None,
+    ) -> pb.ModelProfile:
+        request = c.profile_request(
+            model,
+            version=version,
+            variants=variants,
+            batch_size=batch_size,
+            iterations=iterations,
+            measure_accuracy=measure_accuracy,
+        )
+        return await self._unary("ProfileModel", request, timeout)
+
+    async def compare_backbones(
+        self,
+        dataset: str,
+        backbones: Iterable[str] = (),
+        *,
+        max_images_per_class: int = 0,
+        timeout: float | None = None,
+    ) -> pb.CompareBackbonesResponse:
+        request = pb.CompareBackbonesRequest(
+            dataset=dataset, backbones=list(backbones), max_images_per_class=max_images_per_class
+        )
+        return await self._unary("CompareBackbones", request, timeout)
+
+    # --- inference ------------------------------------------------------------------
+
+    async def predict(
+        self,
+        model: str | pb.ModelRef,
+        images: Iterable[bytes | pb.ImageInput | pb.Tensor],
+        *,
+        version: int | None = None,
+        top_k: int = 0,
+        runtime: str | int | None = None,
+        precision: str | int | None = None,
+        return_logits: bool = False,
+        return_embeddings: bool = False,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> pb.PredictResponse:
+        request = c.predict_request(
+            model,
+            images,
+            version=version,
+            top_k=top_k,
+            runtime=runtime,
+            precision=precision,
+            return_logits=return_logits,
+            return_embeddings=return_embeddings,
+            request_id=request_id,
+        )
+        return await self._unary("Predict", request, timeout)
+
+    def predict_stream(
+        self,
+        requests: Iterable[pb.PredictRequest] | AsyncIterable[pb.PredictRequest],
+        *,
+        timeout: float | None = None,
+    ) -> AsyncResponseStream[pb.PredictResponse]:
+        """One response per request, in order, as an async iterator."""
+        return self._stream("PredictStream", requests, timeout)

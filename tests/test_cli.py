@@ -1,0 +1,119 @@
+"""The `tlserve` command line and the Python client against a live server, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import grpc
+import pytest
+
+import client as tlclient
+
+TLSERVE = str(pathlib.Path(sys.executable).with_name("tlserve"))
+
+
+def tlserve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([TLSERVE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_health_prints_serving(live_server):
+    result = tlserve("--address", live_server.address, "health")
+    assert result.returncode == 0, result.stderr
+    assert "SERVING" in result.stdout
+
+
+def test_backbones_prints_a_table_with_torchvision_figures(live_server):
+    result = tlserve("--address", live_server.address, "backbones", "--family", "resnet")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = lines[0].lower()
+    for column in ("name", "family", "params", "gflops", "top-1", "cached"):
+        assert column in header
+    rows = {line.split()[0]: line for line in lines[1:] if line.strip() and not line.startswith("weights cache:")}
+    assert set(rows) == {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152"}
+    assert "11.7" in rows["resnet18"]  # 11,689,512 parameters
+    assert "1.81" in rows["resnet18"]  # GFLOPs
+    assert lines[-1].startswith("weights cache: ") and lines[-1].endswith("weights")
+
+
+def test_backbones_json_is_machine_readable(live_server):
+    result = tlserve("--address", live_server.address, "--json", "backbones", "--family", "vit")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    names = sorted(b["name"] for b in document["backbones"])
+    assert names == ["vit_b_16", "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32"]
+
+
+def test_info_names_the_devices(live_server):
+    result = tlserve("--address", live_server.address, "info")
+    assert result.returncode == 0, result.stderr
+    assert "cpu" in result.stdout and "2.14" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("finetune", "--dataset", "d", "--model-name", "m", "--backbone", "resnet18"),
+        ("jobs",),
+        ("models",),
+        ("predict", "m", __file__),
+        ("export", "m"),
+    ],
+    ids=lambda a: a[0],
+)
+def test_commands_whose_rpc_is_not_built_print_the_servers_message(live_server, args):
+    result = tlserve("--address", live_server.address, *args)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("tlserve: error: UNIMPLEMENTED: ")
+    assert "is not available in this tlserve server yet" in lines[0]
+
+
+def test_unreachable_server_is_one_line_naming_the_address():
+    result = tlserve("--address", "127.0.0.1:1", "--timeout", "3", "backbones")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "UNAVAILABLE" in lines[0] and "127.0.0.1:1" in lines[0]
+
+
+def test_unknown_backbone_family_is_invalid_argument_listing_families(client):
+    with pytest.raises(tlclient.TLServeError) as e:
+        client.list_backbones(family="resnt")
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "resnet" in e.value.message
+
+
+def test_client_returns_proto_messages_and_raises_one_error_type(client):
+    assert client.health() == "SERVING"
+    response = client.list_backbones(family="mobilenet_v3")
+    assert isinstance(response, tlclient.pb.ListBackbonesResponse)
+    with pytest.raises(tlclient.TLServeError) as e:
+        client.get_model("flowers:2")
+    assert e.value.code == grpc.StatusCode.UNIMPLEMENTED
+    assert str(e.value).startswith("UNIMPLEMENTED: GetModel is not available")
+
+
+def test_async_client_works_the_same(live_server):
+    import asyncio
+
+    async def main():
+        async with tlclient.AsyncClient(live_server.address) as c:
+            info = await c.get_server_info()
+            backbones = await c.list_backbones(family="squeezenet")
+            return info, backbones
+
+    info, backbones = asyncio.run(main())
+    assert info.devices[0].name == "cpu"
+    assert [b.name for b in backbones.backbones] == ["squeezenet1_0", "squeezenet1_1"]
+
+
+def test_serve_help_lists_every_setting():
+    result = tlserve("serve", "--help")
+    assert result.returncode == 0
+    for flag in ("--home", "--grpc-address", "--metrics-address", "TLSERVE_HOME"):
+        assert flag in result.stdout
