@@ -77,7 +77,7 @@ class Settings:
         "127.0.0.1:9464", "Prometheus metrics HTTP address HOST:PORT (port 0: any free port)", _address
     )
     data_root: pathlib.Path | None = _setting(
-        None, "directory that RegisterDataset and weights files may read from (default: HOME/data)", _path
+        None, "directory that RegisterDataset and weights files may be read from", _path
     )
     max_receive_message_bytes: int = _setting(
         64 * MiB, "largest request message accepted, in bytes (a batch of camera JPEGs fits)", _positive_int

@@ -79,3 +79,9 @@ def test_paths_expand_user(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     settings = Settings.load(["--home", "~/tl"], environ={})
     assert settings.home == pathlib.Path(tmp_path / "tl")
+
+
+def test_readme_documents_every_setting():
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name in Settings.__dataclass_fields__:
+        assert f"`--{name.replace('_', '-')}`" in readme and f"`TLSERVE_{name.upper()}`" in readme, name

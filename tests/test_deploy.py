@@ -1,0 +1,33 @@
+"""The Kubernetes manifests render with kustomize and say what the server needs."""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) not installed")
+
+
+def test_base_renders_with_grpc_health_probes_and_the_home_volume():
+    import yaml
+
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(ROOT / "deploy" / "k8s" / "base")], capture_output=True, text=True, check=True
+    ).stdout
+    docs = {d["kind"]: d for d in yaml.safe_load_all(rendered)}
+    assert set(docs) == {"Deployment", "Service", "PersistentVolumeClaim"}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["TLSERVE_GRPC_ADDRESS"] == "0.0.0.0:50051"
+    assert container["readinessProbe"]["grpc"] == {"port": 50051, "service": "tlserve.v1.TLServe"}
+    assert container["livenessProbe"]["grpc"]["port"] == 50051
+    # Drain (TLSERVE_GRACE_SECONDS) must end before the kubelet's SIGKILL.
+    assert pod["terminationGracePeriodSeconds"] > float(env["TLSERVE_GRACE_SECONDS"])
+    assert container["volumeMounts"][0]["mountPath"] == env["TLSERVE_HOME"]
+    assert docs["Service"]["spec"]["selector"] == docs["Deployment"]["spec"]["selector"]["matchLabels"]
