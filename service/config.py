@@ -83,6 +83,14 @@ class Settings:
         64 * MiB, "largest request message accepted, in bytes (a batch of camera JPEGs fits)", _positive_int
     )
     max_send_message_bytes: int = _setting(64 * MiB, "largest response message sent, in bytes", _positive_int)
+    max_upload_bytes: int = _setting(
+        4 * 1024 * MiB, "largest dataset archive UploadDataset accepts, in bytes", _positive_int
+    )
+    max_dataset_files: int = _setting(200_000, "most files one dataset may hold", _positive_int)
+    max_image_pixels: int = _setting(
+        50_000_000, "largest image accepted, in pixels (width x height); larger ones are refused before decoding",
+        _positive_int,
+    )
     job_workers: int = _setting(1, "fine-tuning jobs run at once", _positive_int)
     executor_threads: int = _setting(
         max(2, min(8, os.cpu_count() or 2)), "threads for blocking work off the event loop", _positive_int
@@ -112,6 +120,10 @@ class Settings:
     @property
     def datasets_dir(self) -> pathlib.Path:
         return self.home / "datasets"
+
+    @property
+    def checkpoints_dir(self) -> pathlib.Path:
+        return self.home / "checkpoints"
 
     @property
     def resolved_data_root(self) -> pathlib.Path:
@@ -158,7 +170,7 @@ class Settings:
     def prepare_home(self) -> None:
         """Creates the home layout and proves it is writable, or raises ConfigError."""
         try:
-            for directory in (self.home, self.artifacts_dir, self.weights_dir, self.datasets_dir):
+            for directory in (self.home, self.artifacts_dir, self.weights_dir, self.datasets_dir, self.checkpoints_dir):
                 directory.mkdir(parents=True, exist_ok=True)
             probe = self.home / ".write-test"
             probe.write_bytes(b"")
