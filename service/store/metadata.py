@@ -43,10 +43,15 @@ MIGRATIONS: tuple[str, ...] = (
         create_time     REAL NOT NULL,
         update_time     REAL NOT NULL,
         idempotency_key TEXT UNIQUE,
+        dataset_id      TEXT NOT NULL,
+        model_name      TEXT NOT NULL,
         attempts        INTEGER NOT NULL DEFAULT 0,
+        cancel_requested INTEGER NOT NULL DEFAULT 0,
+        worker_pid      INTEGER,
         proto           BLOB NOT NULL      -- tlserve.v1.Job
     );
     CREATE INDEX jobs_by_state ON jobs (state, create_time);
+    CREATE INDEX jobs_by_dataset ON jobs (dataset_id);
     CREATE TABLE job_events (
         job_id      TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
         sequence    INTEGER NOT NULL,
