@@ -48,8 +48,7 @@ def onnxruntime_providers() -> tuple[str, ...]:
     import onnxruntime
 
     available = set(onnxruntime.get_available_providers())
-    has_gpu = any(d.name.startswith("cuda") for d in devices())
-    if not has_gpu:
+    if not gpu_count():
         available -= {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
     elif ctypes.util.find_library("nvinfer") is None and importlib.util.find_spec("tensorrt_libs") is None:
         available.discard("TensorrtExecutionProvider")
@@ -65,3 +64,7 @@ def versions() -> dict[str, str]:
         "onnxruntime": package_version("onnxruntime-gpu") if package_version("onnxruntime-gpu") != "unknown"
         else package_version("onnxruntime"),
     }
+
+
+def gpu_count() -> int:
+    return sum(1 for d in devices() if d.name.startswith("cuda"))

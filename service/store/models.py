@@ -1,0 +1,147 @@
+"""Model versions and their artifacts in the metadata store.
+
+A model is named by its user and versioned here: `publish` allocates the next
+version of a name in the same transaction that inserts it, so two jobs
+finishing at once never get the same version. Artifacts (the PyTorch state
+dict a job publishes; ONNX exports later) are rows keyed by variant, with the
+file in the artifact store; `Model.artifacts` is filled from those rows.
+"""
+
+from __future__ import annotations
+
+import time
+
+from client.tlserve.v1 import tlserve_pb2 as pb
+from service.errors import InvalidArgument, NotFound
+from service.store import paging
+from service.store.artifacts import ArtifactStore
+from service.store.metadata import MetadataStore
+
+PYTORCH_VARIANT = "pytorch"
+
+
+def artifact_variant(artifact: pb.ModelArtifact) -> str:
+    """The key of an artifact among its model's: "pytorch" or "onnx-fp32-float_nchw"."""
+    if artifact.format == pb.ARTIFACT_FORMAT_PYTORCH:
+        return PYTORCH_VARIANT
+    precision = pb.Precision.Name(artifact.precision or pb.PRECISION_FP32).removeprefix("PRECISION_").lower()
+    layout = pb.InputFormat.Name(artifact.input_format or pb.INPUT_FORMAT_FLOAT_NCHW).removeprefix("INPUT_FORMAT_").lower()
+    return f"onnx-{precision}-{layout}"
+
+
+def model_dir(name: str, version: int) -> str:
+    """Artifact-store directory of one model version."""
+    return f"models/{name}/{version}"
+
+
+class ModelStore:
+    def __init__(self, store: MetadataStore, artifacts: ArtifactStore) -> None:
+        self._store = store
+        self._artifacts = artifacts
+
+    def next_version(self, name: str) -> int:
+        rows = self._store.query("SELECT max(version) AS v FROM models WHERE name = ?", (name,))
+        return (rows[0]["v"] or 0) + 1
+
+    def publish(self, model: pb.Model, artifacts: list[tuple[pb.ModelArtifact, str]]) -> pb.Model:
+        """Inserts `model` as version `model.version` with its (artifact, relative path) rows.
+
+        The files must already be published in the artifact store. Fails with
+        InvalidArgument if that version exists (callers take `next_version`)."""
+        stored = pb.Model()
+        stored.CopyFrom(model)
+        del stored.artifacts[:]
+        with self._store.transaction() as conn:
+            if conn.execute(
+                "SELECT 1 FROM models WHERE name = ? AND version = ?", (model.name, model.version)
+            ).fetchone():
+                raise InvalidArgument(f"model {model.name} version {model.version} exists already")
+            conn.execute(
+                "INSERT INTO models (name, version, create_time, job_id, proto) VALUES (?, ?, ?, ?, ?)",
+                (model.name, model.version, time.time(), model.job_id or None, stored.SerializeToString()),
+            )
+            for artifact, path in artifacts:
+                self._insert_artifact(conn, artifact, path)
+        return self.get(model.name, model.version)
+
+    def add_artifact(self, artifact: pb.ModelArtifact, path: str) -> None:
+        """Adds or replaces one artifact of an existing model version."""
+        with self._store.transaction() as conn:
+            self._insert_artifact(conn, artifact, path, replace=True)
+
+    def _insert_artifact(self, conn, artifact: pb.ModelArtifact, path: str, replace: bool = False) -> None:
+        verb = "INSERT OR REPLACE" if replace else "INSERT"
+        conn.execute(
+            f"{verb} INTO artifacts (model_name, model_version, variant, path, size_bytes, sha256, create_time, proto)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                artifact.model.name, artifact.model.version, artifact_variant(artifact), path,
+                artifact.size_bytes, artifact.sha256, time.time(), artifact.SerializeToString(),
+            ),
+        )
+
+    def resolve(self, ref: pb.ModelRef) -> tuple[str, int]:
+        """(name, version) with version 0 read as the latest; NotFound if absent."""
+        if not ref.name:
+            raise InvalidArgument("model.name is required")
+        if ref.version < 0:
+            raise InvalidArgument(f"model.version must be >= 0 (0 = latest), got {ref.version}")
+        if ref.version:
+            rows = self._store.query("SELECT version FROM models WHERE name = ? AND version = ?", (ref.name, ref.version))
+        else:
+            rows = self._store.query("SELECT max(version) AS version FROM models WHERE name = ?", (ref.name,))
+        if not rows or rows[0]["version"] is None:
+            what = f"model {ref.name!r}" + (f" version {ref.version}" if ref.version else "")
+            raise NotFound(f"{what} does not exist (list models with ListModels)")
+        return ref.name, rows[0]["version"]
+
+    def get(self, name: str, version: int = 0) -> pb.Model:
+        name, version = self.resolve(pb.ModelRef(name=name, version=version))
+        row = self._store.query("SELECT proto FROM models WHERE name = ? AND version = ?", (name, version))[0]
+        model = pb.Model.FromString(row["proto"])
+        model.artifacts.extend(a for a, _ in self.artifacts(name, version))
+        return model
+
+    def artifacts(self, name: str, version: int) -> list[tuple[pb.ModelArtifact, str]]:
+        rows = self._store.query(
+            "SELECT proto, path FROM artifacts WHERE model_name = ? AND model_version = ? ORDER BY variant",
+            (name, version),
+        )
+        return [(pb.ModelArtifact.FromString(r["proto"]), r["path"]) for r in rows]
+
+    def artifact_path(self, name: str, version: int, variant: str) -> str:
+        rows = self._store.query(
+            "SELECT path FROM artifacts WHERE model_name = ? AND model_version = ? AND variant = ?",
+            (name, version, variant),
+        )
+        if not rows:
+            raise NotFound(f"model {name} version {version} has no {variant} artifact")
+        return rows[0]["path"]
+
+    def list(self, name: str, latest_only: bool, page_size: int, page_token: str) -> tuple[list[pb.Model], str]:
+        where, params = ("WHERE name = ?", (name,)) if name else ("", ())
+        rows = self._store.query(f"SELECT name, version FROM models {where} ORDER BY name, version DESC", params)
+        if latest_only:
+            seen: set[str] = set()
+            rows = [r for r in rows if not (r["name"] in seen or seen.add(r["name"]))]
+        chunk, token = paging.page("models", rows, page_size, page_token)
+        return [self.get(r["name"], r["version"]) for r in chunk], token
+
+    def delete(self, ref: pb.ModelRef, all_versions: bool) -> list[pb.ModelRef]:
+        """Deletes one version, or every version with `all_versions`; files go with the rows."""
+        if ref.version == 0 and not all_versions:
+            raise InvalidArgument(
+                "model.version is 0: name a version to delete, or set all_versions to delete every version"
+            )
+        name, _ = self.resolve(ref)
+        if ref.version:
+            versions = [ref.version]
+        else:
+            versions = [r["version"] for r in self._store.query("SELECT version FROM models WHERE name = ?", (name,))]
+        with self._store.transaction() as conn:
+            for version in versions:
+                conn.execute("DELETE FROM models WHERE name = ? AND version = ?", (name, version))
+        # Rows first: a crash between the two leaves unreferenced files, never a row without its file.
+        for version in versions:
+            self._artifacts.delete(model_dir(name, version))
+        return [pb.ModelRef(name=name, version=v) for v in versions]
