@@ -1,0 +1,318 @@
+"""A fine-tune's settings with every default resolved: `TrainConfig`.
+
+The job worker turns a `FineTuneRequest` into a `TrainConfig` once
+(`TrainConfig.from_request`), which validates every field (an out-of-range value
+raises `InvalidArgument` naming the field) and fills the defaults of the chosen
+strategy; the engine reads nothing else. `to_request` gives the request back as
+the job ran it, defaults filled, for the model's lineage. A request with
+strategy AUTO keeps AUTO here: the engine measures the data, decides, and calls
+`resolved(strategy, trainable_groups)`, which re-applies the same request with
+the strategy the decision picked, so the defaults of that strategy apply to
+whatever the caller left unset.
+
+Defaults per strategy (a field the caller set always wins):
+
+| strategy              | optimizer | lr    | layer decay | weight decay | epochs | warmup | augment |
+| --------------------- | --------- | ----- | ----------- | ------------ | ------ | ------ | ------- |
+| FEATURE_EXTRACTION    | AdamW     | 1e-3  | (1.0)       | 1e-4         | 15     | 0      | on      |
+| PARTIAL (1 group)     | SGD+nest. | 1e-2  | 0.5         | 1e-4         | 15     | 1 ep.* | on      |
+| FULL                  | SGD+nest. | 1e-3  | 0.5         | 1e-4         | 20     | 1 ep.* | on      |
+| PROGRESSIVE (3/phase) | AdamW     | 1e-3  | 0.5         | 1e-4         | 15     | 0      | on      |
+| PROTOTYPE             | (none)    | -     | -           | -            | 1      | 0      | off     |
+
+(* one warmup epoch when there are at least 5 epochs, else none.) FULL's 1e-3 is the
+head's rate; with decay 0.5 per group the convolutional stages get 5e-4 down to
+about 1e-5, the "small learning rate" of full fine-tuning. Everywhere: cosine
+schedule, label smoothing 0.1, head dropout 0.2 (0 for PROTOTYPE), no gradient
+clipping, early stopping on validation accuracy with patience 5, cached features
+with 4 augmented views, momentum 0.9, mixed precision bf16/fp16 on CUDA and fp32
+on CPU. Batch size: 32, or less for a tiny training set (the largest power of two
+that gives at least 4 steps per epoch, at least 8). Augmentation: random resized
+crop down to 35 % of the area (the 8 % of ImageNet recipes cuts small objects out
+of small datasets' images), horizontal flip, ±10° rotation, colour jitter 0.1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from client.tlserve.v1 import tlserve_pb2 as pb
+from service.errors import InvalidArgument
+
+S = pb.Strategy
+STRATEGIES = {
+    S.STRATEGY_FEATURE_EXTRACTION: "feature_extraction",
+    S.STRATEGY_PARTIAL: "partial",
+    S.STRATEGY_FULL: "full",
+    S.STRATEGY_PROGRESSIVE_UNFREEZING: "progressive_unfreezing",
+    S.STRATEGY_PROTOTYPE: "prototype",
+    S.STRATEGY_AUTO: "auto",
+}
+OPTIMIZERS = {pb.OPTIMIZER_SGD: "sgd", pb.OPTIMIZER_ADAMW: "adamw"}
+SCHEDULES = {
+    pb.LR_SCHEDULE_UNSPECIFIED: "cosine",
+    pb.LR_SCHEDULE_COSINE: "cosine",
+    pb.LR_SCHEDULE_ONE_CYCLE: "one_cycle",
+    pb.LR_SCHEDULE_CONSTANT: "constant",
+}
+PRECISIONS = {
+    pb.MIXED_PRECISION_UNSPECIFIED: "auto",
+    pb.MIXED_PRECISION_OFF: "off",
+    pb.MIXED_PRECISION_FP16: "fp16",
+    pb.MIXED_PRECISION_BF16: "bf16",
+}
+STOP_METRICS = {
+    pb.STOP_METRIC_UNSPECIFIED: "val_accuracy",
+    pb.STOP_METRIC_VAL_ACCURACY: "val_accuracy",
+    pb.STOP_METRIC_VAL_LOSS: "val_loss",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyDefaults:
+    optimizer: str
+    learning_rate: float
+    layer_lr_decay: float
+    epochs: int
+    warmup: bool  # one warmup epoch when epochs >= 5
+    augmentation: bool
+    head_dropout: float
+
+
+DEFAULTS: dict[int, StrategyDefaults] = {
+    S.STRATEGY_FEATURE_EXTRACTION: StrategyDefaults("adamw", 1e-3, 1.0, 15, False, True, 0.2),
+    S.STRATEGY_PARTIAL: StrategyDefaults("sgd", 1e-2, 0.5, 15, True, True, 0.2),
+    S.STRATEGY_FULL: StrategyDefaults("sgd", 1e-3, 0.5, 20, True, True, 0.2),
+    S.STRATEGY_PROGRESSIVE_UNFREEZING: StrategyDefaults("adamw", 1e-3, 0.5, 15, False, True, 0.2),
+    S.STRATEGY_PROTOTYPE: StrategyDefaults("adamw", 1e-3, 1.0, 1, False, False, 0.0),
+    # AUTO until the engine resolves it; these only make the config complete.
+    S.STRATEGY_AUTO: StrategyDefaults("adamw", 1e-3, 0.5, 15, False, True, 0.2),
+}
+EPOCHS_PER_PHASE = 3
+CACHED_VIEWS = 4
+PATIENCE = 5
+MAX_BATCH = 32
+
+
+def _check(ok: bool, field: str, value, rule: str) -> None:
+    if not ok:
+        raise InvalidArgument(f"{field} is {value!r}; it must be {rule}")
+
+
+def _default_batch_size(num_classes: int, images_per_class: float) -> int:
+    # At least 4 optimiser steps per epoch on a tiny training set: 8 × 3 classes ->
+    # 24 images -> batch 8 (3 steps rounded down to a power of two), never below 8.
+    total = max(1, int(num_classes * images_per_class))
+    batch = MAX_BATCH
+    while batch > 8 and total // batch < 4:
+        batch //= 2
+    return batch
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # What and how.
+    backbone: str
+    strategy: int  # pb.Strategy value; AUTO until the engine resolves it
+    trainable_groups: int  # PARTIAL: groups trained below the head
+    image_size: int  # 0: the weights' own crop size
+    seed: int
+    devices: int
+    # Optimisation.
+    epochs: int
+    batch_size: int  # global: split across processes under DDP
+    optimizer: str  # key of engine.OPTIMIZERS
+    learning_rate: float  # the head's
+    layer_lr_decay: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+    schedule: str  # key of engine.SCHEDULES
+    warmup_epochs: float
+    label_smoothing: float
+    head_dropout: float
+    grad_clip_norm: float  # 0: off
+    stop_metric: str  # "val_accuracy" or "val_loss"
+    patience: int  # 0: no early stopping
+    min_delta: float
+    cache_features: bool
+    cached_views: int
+    mixed_precision: str  # "auto", "off", "fp16", "bf16"; always "off" on CPU
+    epochs_per_phase: int
+    # Augmentation, training images only.
+    augment: bool
+    crop_min_scale: float
+    horizontal_flip: bool
+    rotation_degrees: float
+    color_jitter: float
+    # Where it came from: the request (serialised) and the data figures the
+    # defaults were derived from, so that `resolved` can re-derive them.
+    request: bytes = dataclasses.field(repr=False, default=b"")
+    num_classes: int = 0
+    train_images_per_class: float = 0.0
+    device_type: str = "cpu"
+
+    @property
+    def strategy_name(self) -> str:
+        return STRATEGIES[self.strategy]
+
+    # -- proto -> config ------------------------------------------------------
+
+    @classmethod
+    def from_request(
+        cls, request: pb.FineTuneRequest, *, num_classes: int, train_images_per_class: float, device_type: str
+    ) -> TrainConfig:
+        """Validates `request` and fills the defaults of its strategy (table above)."""
+        t, a = request.training, request.augmentation
+        _check(request.strategy in STRATEGIES or request.strategy == S.STRATEGY_UNSPECIFIED, "strategy", request.strategy, "a Strategy value")
+        strategy = request.strategy or S.STRATEGY_AUTO
+        d = DEFAULTS[strategy]
+
+        def opt(message, field: str, default):
+            return getattr(message, field) if message.HasField(field) else default
+
+        epochs = opt(t, "epochs", d.epochs)
+        _check(1 <= epochs <= 1000, "training.epochs", epochs, "in 1..1000")
+        batch_size = opt(t, "batch_size", _default_batch_size(num_classes, train_images_per_class))
+        _check(1 <= batch_size <= 4096, "training.batch_size", batch_size, "in 1..4096")
+        _check(t.optimizer == pb.OPTIMIZER_UNSPECIFIED or t.optimizer in OPTIMIZERS, "training.optimizer", t.optimizer, "an Optimizer value")
+        optimizer = OPTIMIZERS.get(t.optimizer, d.optimizer)
+        learning_rate = opt(t, "learning_rate", d.learning_rate)
+        _check(math.isfinite(learning_rate) and 0 < learning_rate <= 10, "training.learning_rate", learning_rate, "in (0, 10]")
+        layer_lr_decay = opt(t, "layer_lr_decay", d.layer_lr_decay)
+        _check(0 < layer_lr_decay <= 1, "training.layer_lr_decay", layer_lr_decay, "in (0, 1]")
+        momentum = opt(t, "momentum", 0.9)
+        _check(0 <= momentum < 1, "training.momentum", momentum, "in [0, 1)")
+        nesterov = opt(t, "nesterov", optimizer == "sgd" and momentum > 0)
+        _check(not (nesterov and optimizer == "sgd" and momentum == 0), "training.nesterov", nesterov, "false when training.momentum is 0")
+        weight_decay = opt(t, "weight_decay", 1e-4)
+        _check(0 <= weight_decay <= 1, "training.weight_decay", weight_decay, "in [0, 1]")
+        _check(t.schedule in SCHEDULES, "training.schedule", t.schedule, "an LrSchedule value")
+        warmup = opt(t, "warmup_epochs", 1.0 if d.warmup and epochs >= 5 else 0.0)
+        _check(0 <= warmup <= epochs, "training.warmup_epochs", warmup, f"in [0, epochs={epochs}]")
+        label_smoothing = opt(t, "label_smoothing", 0.0 if strategy == S.STRATEGY_PROTOTYPE else 0.1)
+        _check(0 <= label_smoothing < 1, "training.label_smoothing", label_smoothing, "in [0, 1)")
+        head_dropout = opt(t, "head_dropout", d.head_dropout)
+        _check(0 <= head_dropout < 1, "training.head_dropout", head_dropout, "in [0, 1)")
+        grad_clip = opt(t, "grad_clip_norm", 0.0)
+        _check(math.isfinite(grad_clip) and grad_clip >= 0, "training.grad_clip_norm", grad_clip, ">= 0")
+        es = t.early_stopping
+        _check(es.metric in STOP_METRICS, "training.early_stopping.metric", es.metric, "a StopMetric value")
+        patience = es.patience if t.HasField("early_stopping") else PATIENCE
+        _check(0 <= patience <= 1000, "training.early_stopping.patience", patience, "in 0..1000")
+        _check(math.isfinite(es.min_delta) and es.min_delta >= 0, "training.early_stopping.min_delta", es.min_delta, ">= 0")
+        cached_views = opt(t, "cached_views", CACHED_VIEWS)
+        _check(1 <= cached_views <= 64, "training.cached_views", cached_views, "in 1..64")
+        _check(t.mixed_precision in PRECISIONS, "training.mixed_precision", t.mixed_precision, "a MixedPrecision value")
+        epochs_per_phase = opt(t, "epochs_per_phase", EPOCHS_PER_PHASE)
+        _check(1 <= epochs_per_phase <= 1000, "training.epochs_per_phase", epochs_per_phase, "in 1..1000")
+
+        min_scale = opt(a, "random_crop_min_scale", 0.35)
+        _check(0 < min_scale <= 1, "augmentation.random_crop_min_scale", min_scale, "in (0, 1]")
+        rotation = opt(a, "rotation_degrees", 10.0)
+        _check(0 <= rotation <= 180, "augmentation.rotation_degrees", rotation, "in [0, 180]")
+        jitter = opt(a, "color_jitter", 0.1)
+        _check(0 <= jitter <= 1, "augmentation.color_jitter", jitter, "in [0, 1]")
+
+        _check(request.trainable_groups >= 0, "trainable_groups", request.trainable_groups, ">= 0")
+        _check(0 <= request.devices <= 1024, "devices", request.devices, "in 0..1024")
+        _check(request.image_size == 0 or 16 <= request.image_size <= 4096, "image_size", request.image_size, "0 or in 16..4096")
+        _check(device_type in ("cpu", "cuda"), "device_type", device_type, "'cpu' or 'cuda'")
+        _check(num_classes >= 2, "dataset", f"{num_classes} classes", "at least 2 classes")
+
+        return cls(
+            backbone=request.backbone,
+            strategy=strategy,
+            trainable_groups=request.trainable_groups or 1,
+            image_size=request.image_size,
+            seed=request.seed,
+            devices=request.devices or 1,
+            epochs=epochs,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            learning_rate=learning_rate,
+            layer_lr_decay=layer_lr_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            schedule=SCHEDULES[t.schedule],
+            warmup_epochs=warmup,
+            label_smoothing=label_smoothing,
+            head_dropout=head_dropout,
+            grad_clip_norm=grad_clip,
+            stop_metric=STOP_METRICS[es.metric],
+            patience=patience,
+            min_delta=es.min_delta,
+            cache_features=opt(t, "cache_features", True),
+            cached_views=cached_views,
+            mixed_precision="off" if device_type == "cpu" else PRECISIONS[t.mixed_precision],
+            epochs_per_phase=epochs_per_phase,
+            augment=opt(a, "enabled", d.augmentation),
+            crop_min_scale=min_scale,
+            horizontal_flip=opt(a, "horizontal_flip", True),
+            rotation_degrees=rotation,
+            color_jitter=jitter,
+            request=request.SerializeToString(deterministic=True),
+            num_classes=num_classes,
+            train_images_per_class=train_images_per_class,
+            device_type=device_type,
+        )
+
+    def resolved(self, strategy: int, trainable_groups: int) -> TrainConfig:
+        """This config's request run with `strategy` (AUTO's choice): that strategy's
+        defaults fill whatever the caller left unset."""
+        request = self.source_request()
+        request.strategy = strategy
+        request.trainable_groups = trainable_groups
+        return TrainConfig.from_request(
+            request,
+            num_classes=self.num_classes,
+            train_images_per_class=self.train_images_per_class,
+            device_type=self.device_type,
+        )
+
+    def source_request(self) -> pb.FineTuneRequest:
+        return pb.FineTuneRequest.FromString(self.request)
+
+    # -- config -> proto ------------------------------------------------------
+
+    def to_request(self) -> pb.FineTuneRequest:
+        """The request as the job ran it: the caller's identity fields (dataset,
+        model name, weights, labels, key) and every option with its value filled."""
+        request = self.source_request()
+        request.backbone = self.backbone
+        request.strategy = self.strategy
+        request.trainable_groups = self.trainable_groups
+        request.image_size = self.image_size
+        request.seed = self.seed
+        request.devices = self.devices
+        t = request.training
+        t.epochs = self.epochs
+        t.batch_size = self.batch_size
+        t.optimizer = {v: k for k, v in OPTIMIZERS.items()}[self.optimizer]
+        t.learning_rate = self.learning_rate
+        t.layer_lr_decay = self.layer_lr_decay
+        t.momentum = self.momentum
+        t.nesterov = self.nesterov
+        t.weight_decay = self.weight_decay
+        t.schedule = {v: k for k, v in SCHEDULES.items() if k}[self.schedule]
+        t.warmup_epochs = self.warmup_epochs
+        t.label_smoothing = self.label_smoothing
+        t.head_dropout = self.head_dropout
+        t.grad_clip_norm = self.grad_clip_norm
+        t.early_stopping.metric = {v: k for k, v in STOP_METRICS.items() if k}[self.stop_metric]
+        t.early_stopping.patience = self.patience
+        t.early_stopping.min_delta = self.min_delta
+        t.cache_features = self.cache_features
+        t.cached_views = self.cached_views
+        # "auto" stays UNSPECIFIED: the engine picks bf16 or fp16 by the device.
+        t.mixed_precision = {v: k for k, v in PRECISIONS.items()}[self.mixed_precision]
+        t.epochs_per_phase = self.epochs_per_phase
+        a = request.augmentation
+        a.enabled = self.augment
+        a.random_crop_min_scale = self.crop_min_scale
+        a.horizontal_flip = self.horizontal_flip
+        a.rotation_degrees = self.rotation_degrees
+        a.color_jitter = self.color_jitter
+        return request

@@ -1,0 +1,856 @@
+"""The training loop: `fine_tune(config, manifest, ...)` turns a dataset manifest
+and a backbone into trained weights with their validation and test reports.
+
+It reads top to bottom as the stages of a job:
+
+1. set up: the process group under torchrun, seeds, the device's precision;
+2. build the model (`backbones.build`) and the datasets from the manifest;
+3. decide the strategy (AUTO measures the data, `strategies.decide`);
+4. PROTOTYPE: class means of frozen features become the head, done;
+5. otherwise train epoch by epoch, `train_one_epoch` on images, or
+   `train_head_one_epoch` on cached features while the backbone is frozen;
+   evaluate on val, keep the best weights, stop early, checkpoint;
+6. load the best weights and evaluate them on test.
+
+A job killed at any point is resumed by calling `fine_tune` again with the same
+arguments: it continues after the last checkpointed epoch and, on the CPU with
+the same seed, ends with the same weights and metrics as an unbroken run.
+
+Progress goes to a `Reporter` (phase changes, about once a second while
+stepping, every epoch end); its `cancelled()` is polled every step.
+
+Distributed (`WORLD_SIZE` > 1, launched by torchrun): each process trains on its
+shard (DistributedSampler) with batch_size // world_size images per step, so the
+global batch is the one-process batch; DDP averages the gradients. Rank 0 alone
+evaluates, reports and checkpoints, and broadcasts its validation metrics so that
+every rank takes the same early-stopping decision; the result is returned on
+rank 0 (None elsewhere). Feature-cached epochs run identically on every rank
+(same cache, same seeded order), and rank 0's head is broadcast after each so the
+ranks cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from client.tlserve.v1 import tlserve_pb2 as pb
+from service import backbones
+from service.errors import InvalidArgument
+from service.manifest import Manifest
+from service.training import checkpoint, data, strategies
+from service.training.config import TrainConfig
+from service.training.metrics import report_from_predictions
+
+log = logging.getLogger("tlserve.training")
+
+REPORT_INTERVAL_SECONDS = 1.0
+S = pb.Strategy
+
+
+class Reporter(Protocol):
+    def report(self, event: pb.JobEvent) -> None: ...
+
+    def cancelled(self) -> bool: ...
+
+
+class Cancelled(Exception):
+    """The job was cancelled; raised within one step of `Reporter.cancelled()`."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state_dict: dict[str, torch.Tensor]  # the best epoch's BuiltModel.model, on the CPU
+    class_names: list[str]
+    preprocessing: backbones.Preprocessing  # at the trained resolution
+    val: pb.EvaluationReport  # of the best weights
+    test: pb.EvaluationReport
+    decision: pb.StrategyDecision
+    config: TrainConfig  # AUTO resolved
+    best_epoch: int  # 1-based
+    epochs_run: int
+    parameter_count: int
+
+
+# -- optimisers and schedules ---------------------------------------------------------
+
+
+def _sgd(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        groups, lr=config.learning_rate, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
+    )
+
+
+def _adamw(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+OPTIMIZERS: dict[str, Callable[[list[dict], TrainConfig], torch.optim.Optimizer]] = {"sgd": _sgd, "adamw": _adamw}
+
+
+# A schedule is a factor on each param group's base rate, as a function of the
+# optimiser step (LambdaLR), built from the run's total and warmup step counts.
+def _cosine(total: int, warmup: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup  # linear warmup, never exactly 0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _one_cycle(total: int, warmup: int) -> Callable[[int], float]:
+    # torch's OneCycleLR shape with its defaults (pct_start 0.3, div_factor 25,
+    # final_div_factor 1e4, cosine both ways), on the rate only: its own 30 %
+    # ramp replaces `warmup`.
+    peak = max(1, round(0.3 * total))
+    start, end = 1 / 25, 1 / 25 / 1e4
+
+    def factor(step: int) -> float:
+        if step < peak:
+            return start + (1 - start) * (1 - math.cos(math.pi * step / peak)) / 2
+        progress = min(1.0, (step - peak) / max(1, total - peak))
+        return end + (1 - end) * (1 + math.cos(math.pi * progress)) / 2
+
+    return factor
+
+
+def _constant(total: int, warmup: int) -> Callable[[int], float]:
+    return lambda step: (step + 1) / warmup if step < warmup else 1.0
+
+
+SCHEDULES: dict[str, Callable[[int, int], Callable[[int], float]]] = {
+    "cosine": _cosine,
+    "one_cycle": _one_cycle,
+    "constant": _constant,
+}
+
+
+# -- device, precision, processes ---------------------------------------------------------
+
+
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """None (fp32) on the CPU or when mixed precision is off; bf16 where the GPU
+    has it, else fp16 (which needs a GradScaler)."""
+    if device.type != "cuda" or config.mixed_precision == "off":
+        return None
+    if config.mixed_precision == "fp16" or not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+@dataclasses.dataclass
+class Processes:
+    rank: int = 0
+    world_size: int = 1
+    owns_group: bool = False  # fine_tune started the process group and ends it
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_processes(device: torch.device) -> Processes:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Processes()
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        owns = True
+    return Processes(rank=dist.get_rank(), world_size=dist.get_world_size(), owns_group=owns)
+
+
+def _broadcast(values: list[float], procs: Processes, device: torch.device) -> list[float]:
+    """Rank 0's `values` on every rank (nccl needs the tensor on the GPU)."""
+    if not procs.distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    dist.broadcast(tensor, src=0)
+    return tensor.tolist()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # every CUDA device too
+
+
+@contextlib.contextmanager
+def _side_stream(seed: int, device: torch.device):
+    """Runs a block (probe, feature cache) on its own seeded RNG stream and puts the
+    global RNG back after, so the training run's random numbers do not depend on
+    whether the block ran (it does not run again on resume when cached)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+# -- progress ------------------------------------------------------------------
+
+
+class Progress:
+    """Turns the loop's counters into JobEvents on rank 0, and polls cancellation."""
+
+    def __init__(self, reporter: Reporter, procs: Processes, device: torch.device, total_epochs: int) -> None:
+        self.reporter, self.procs, self.device = reporter, procs, device
+        self.total_epochs = total_epochs
+        self.total_steps = 0
+        self.unfrozen: list[str] = []
+        self._last_report = time.monotonic()
+        self._images_since = 0
+        self._epoch_seconds: list[float] = []
+        self._epoch_started = time.monotonic()
+        self._epoch_fraction = 0.0
+
+    def check_cancelled(self, *, collective: bool = True) -> None:
+        """Raises Cancelled when the job is cancelled. Under DDP (`collective`) rank
+        0's answer is broadcast, so that every rank stops at the same step."""
+        flag = self.reporter.cancelled() if self.procs.main or not collective else False
+        if collective and self.procs.distributed:
+            flag = _broadcast([float(flag)], self.procs, self.device)[0] > 0
+        if flag:
+            raise Cancelled("the job was cancelled")
+
+    def emit(self, **fields) -> None:
+        if self.procs.main:
+            event = pb.JobEvent(total_epochs=self.total_epochs, total_steps=self.total_steps, unfrozen_groups=self.unfrozen, **fields)
+            eta = self._eta()
+            if eta is not None:
+                event.eta.FromTimedelta(datetime.timedelta(seconds=eta))
+            self.reporter.report(event)
+
+    def phase(self, phase: int, message: str, **fields) -> None:
+        self.emit(phase=phase, message=message, **fields)
+
+    def start_epoch(self) -> None:
+        self._epoch_started = time.monotonic()
+        self._epoch_fraction = 0.0
+
+    def step(self, *, epoch: int, step: int, steps_in_epoch: int, step_in_epoch: int, images: int, stats: Callable[[], dict]) -> None:
+        """Called after every optimiser step; reports at most every REPORT_INTERVAL_SECONDS."""
+        self._images_since += images
+        self._epoch_fraction = step_in_epoch / max(1, steps_in_epoch)
+        now = time.monotonic()
+        elapsed = now - self._last_report
+        if elapsed >= REPORT_INTERVAL_SECONDS:
+            # Under DDP `images` are this rank's; all ranks step together.
+            rate = self._images_since * self.procs.world_size / elapsed
+            self.emit(phase=pb.JOB_PHASE_TRAINING, epoch=epoch, step=step, images_per_second=rate, **stats())
+            self._last_report, self._images_since = now, 0
+
+    def end_epoch(self, **fields) -> None:
+        self._epoch_seconds.append(time.monotonic() - self._epoch_started)
+        self._epoch_fraction = 0.0
+        self.emit(phase=pb.JOB_PHASE_TRAINING, **fields)
+
+    def _eta(self) -> float | None:
+        # Average epoch time of this attempt × epochs left (an upper bound when
+        # early stopping ends the job sooner).
+        if not self._epoch_seconds:
+            return None
+        done = len(self._epoch_seconds) + self._epoch_fraction + self.epochs_before
+        mean = sum(self._epoch_seconds) / len(self._epoch_seconds)
+        return max(0.0, (self.total_epochs - done) * mean)
+
+    epochs_before = 0  # epochs finished by earlier attempts (resume)
+
+
+# -- features -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def extract_features(
+    trunk: nn.Module, loader: DataLoader, device: torch.device, dtype: torch.dtype | None, check: Callable[[], None]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trunk features of every image in `loader` -> ((N, D) float32 CPU, (N,) labels)."""
+    trunk.eval()
+    features, labels = [], []
+    for images, targets in loader:
+        check()
+        images = _to_device(images, device)  # (B, 3, H, W)
+        with _autocast(device, dtype):
+            features.append(trunk(images).float().cpu())  # (B, D)
+        labels.append(targets)
+    return torch.cat(features), torch.cat(labels)
+
+
+@dataclasses.dataclass
+class FeatureCache:
+    """Frozen-trunk features: `views` augmented versions of every training image
+    (one eval view when augmentation is off) and the validation images."""
+
+    train: torch.Tensor  # (V, N, D) float32, CPU
+    train_labels: torch.Tensor  # (N,)
+    val: torch.Tensor  # (M, D)
+    val_labels: torch.Tensor  # (M,)
+
+
+def build_feature_cache(job: _Job) -> FeatureCache:
+    config = job.config
+    views = config.cached_views if config.augment else 1
+    job.progress.phase(pb.JOB_PHASE_CACHING_FEATURES, f"computing frozen features: {views} view(s) of {len(job.train_set)} training images")
+    train = []
+    labels = None
+    for view in range(views):
+        # Each view on its own seeded stream: the cache is the same on every
+        # attempt and every rank, whatever ran before.
+        with _side_stream(config.seed * 7919 + view, job.device):
+            dataset = job.train_set if config.augment else job.train_eval_set
+            loader = data.make_loader(dataset, config.batch_size, shuffle=False, device=job.device, seed=config.seed + view)
+            features, labels = extract_features(job.built.trunk, loader, job.device, job.amp, job.check)
+        train.append(features)
+    val, val_labels = extract_features(job.built.trunk, job.val_loader, job.device, job.amp, job.check)
+    return FeatureCache(train=torch.stack(train), train_labels=labels, val=val, val_labels=val_labels)
+
+
+# -- one epoch ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EpochStats:
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    seen: int = 0
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> EpochStats:
+        return cls(torch.zeros((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.int64, device=device))
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum += loss.detach().double() * len(labels)
+        self.correct += (logits.detach().argmax(dim=1) == labels).sum()
+        self.seen += len(labels)
+
+    def totals(self, procs: Processes, device: torch.device) -> tuple[float, float]:
+        """(mean loss, accuracy) over every rank's images."""
+        values = [self.loss_sum.item(), float(self.correct.item()), float(self.seen)]
+        if procs.distributed:
+            tensor = torch.tensor(values, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+            dist.all_reduce(tensor)
+            values = tensor.tolist()
+        return values[0] / max(1, values[2]), values[1] / max(1, values[2])
+
+    def running(self) -> dict:
+        return {"train_loss": self.loss_sum.item() / max(1, self.seen), "train_accuracy": self.correct.item() / max(1, self.seen)}
+
+
+def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        # Pinned host memory + non_blocking overlaps the copy with compute;
+        # channels_last is what cuDNN's fast convolution kernels want.
+        return images.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return images
+
+
+def _optimiser_step(job: _Job, loss: torch.Tensor, params: list[torch.Tensor]) -> None:
+    job.scaler.scale(loss).backward()
+    if job.config.grad_clip_norm > 0:
+        job.scaler.unscale_(job.optimizer)  # clip the true gradients, not the scaled ones
+        nn.utils.clip_grad_norm_(params, job.config.grad_clip_norm)
+    job.scaler.step(job.optimizer)
+    job.scaler.update()
+    job.optimizer.zero_grad(set_to_none=True)
+    job.scheduler.step()
+
+
+def train_one_epoch(job: _Job, model: nn.Module, epoch: int) -> tuple[float, float]:
+    """One pass over the training images through `model` (DDP-wrapped or not).
+    -> (mean loss, accuracy) of the epoch's augmented batches."""
+    loader = job.train_loader
+    data.set_loader_epoch(loader, job.config.seed, epoch)
+    stats = EpochStats.zeros(job.device)
+    params = [p for p in job.built.model.parameters() if p.requires_grad]
+    for i, (images, labels) in enumerate(loader):
+        job.check()
+        images = _to_device(images, job.device)  # (B, 3, H, W)
+        labels = labels.to(job.device, non_blocking=True)  # (B,)
+        with _autocast(job.device, job.amp):
+            logits = model(images)  # (B, C)
+        loss = job.criterion(logits.float(), labels)
+        _optimiser_step(job, loss, params)
+        stats.add(loss, logits, labels)
+        job.step += 1
+        job.progress.step(
+            epoch=epoch + 1, step=job.step, steps_in_epoch=len(loader), step_in_epoch=i + 1, images=len(labels),
+            stats=lambda: {**stats.running(), "learning_rate": job.head_lr()},
+        )
+    return stats.totals(job.procs, job.device)
+
+
+def train_head_one_epoch(job: _Job, cache: FeatureCache, epoch: int) -> tuple[float, float]:
+    """One pass over the cached features through the head alone: each image
+    contributes one of its cached views, drawn per epoch. Same batch size and
+    step count as `train_one_epoch` in one process. -> (mean loss, accuracy)."""
+    head = job.built.head
+    views, count, _ = cache.train.shape
+    generator = torch.Generator().manual_seed(job.config.seed * 1_000_003 + epoch)
+    order = torch.randperm(count, generator=generator)  # (N,)
+    view = torch.randint(views, (count,), generator=generator)  # (N,)
+    batch = job.config.batch_size
+    steps = math.ceil(count / batch)
+    stats = EpochStats.zeros(job.device)
+    params = [p for p in head.parameters() if p.requires_grad]
+    for i in range(steps):
+        job.check()
+        index = order[i * batch : (i + 1) * batch]
+        features = cache.train[view[index], index].to(job.device, non_blocking=True)  # (B, D)
+        labels = cache.train_labels[index].to(job.device, non_blocking=True)  # (B,)
+        logits = head(features)  # (B, C)
+        loss = job.criterion(logits.float(), labels)
+        _optimiser_step(job, loss, params)
+        stats.add(loss, logits, labels)
+        job.step += 1
+        job.progress.step(
+            epoch=epoch + 1, step=job.step, steps_in_epoch=steps, step_in_epoch=i + 1, images=len(labels),
+            stats=lambda: {**stats.running(), "learning_rate": job.head_lr()},
+        )
+    if job.procs.distributed:
+        # Every rank ran the same steps on the same data; rank 0's head is the
+        # reference, so floating-point drift between ranks can't accumulate.
+        for tensor in head.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    return stats.totals(Processes(), job.device)  # identical on every rank: no reduction
+
+
+# -- evaluation --------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    class_names: list[str],
+    device: torch.device,
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    check: Callable[[], None] | None = None,
+) -> pb.EvaluationReport:
+    """`model` in eval mode over every image of `loader`: its report, with the
+    loss as plain cross-entropy (no label smoothing)."""
+    model.eval()
+    logits, labels = [], []
+    for images, targets in loader:
+        if check is not None:
+            check()
+        with _autocast(device, autocast_dtype):
+            logits.append(model(_to_device(images, device)).float().cpu())  # (B, C)
+        labels.append(targets)
+    return _report(logits, labels, class_names)
+
+
+@torch.no_grad()
+def evaluate_head(head: nn.Module, features: torch.Tensor, labels: torch.Tensor, class_names: list[str], device: torch.device) -> pb.EvaluationReport:
+    """The head alone on cached features (N, D): the same numbers as `evaluate`
+    on the whole model while the trunk is frozen."""
+    head.eval()
+    logits = [head(chunk.to(device)).float().cpu() for chunk in features.split(1024)]
+    return _report(logits, [labels], class_names)
+
+
+def _report(logits: list[torch.Tensor], labels: list[torch.Tensor], class_names: list[str]) -> pb.EvaluationReport:
+    all_logits = torch.cat(logits) if logits else torch.zeros(0, len(class_names))  # (N, C)
+    all_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)  # (N,)
+    loss = nn.functional.cross_entropy(all_logits, all_labels).item() if len(all_labels) else 0.0
+    return report_from_predictions(all_labels, all_logits, class_names, loss)
+
+
+# -- the job -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Job:
+    """Everything a stage of `fine_tune` needs: built once, passed along."""
+
+    config: TrainConfig
+    manifest: Manifest
+    built: object  # backbones.BuiltModel
+    preprocessing: backbones.Preprocessing
+    device: torch.device
+    procs: Processes
+    amp: torch.dtype | None
+    progress: Progress
+    train_set: data.ImageDataset  # augmented
+    train_eval_set: data.ImageDataset  # the eval transform on training images
+    train_loader: DataLoader
+    val_loader: DataLoader
+    test_loader: DataLoader
+    class_names: list[str]
+    criterion: nn.Module = None
+    optimizer: torch.optim.Optimizer = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler = None
+    scaler: torch.amp.GradScaler = None
+    step: int = 0
+
+    def check(self) -> None:
+        self.progress.check_cancelled()
+
+    def head_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+def fine_tune(
+    config: TrainConfig,
+    manifest: Manifest,
+    *,
+    weights: backbones.WeightsChoice,
+    weights_dir: Path,
+    checkpoint_dir: Path,
+    reporter: Reporter,
+    device: torch.device | None = None,
+) -> TrainResult | None:
+    """Trains per `config` on `manifest`'s splits, resuming from
+    `checkpoint_dir/last.pt` when there is one. None on ranks other than 0."""
+    device = device or _default_device()
+    procs = setup_processes(device)
+    deterministic = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _fine_tune(config, manifest, weights, Path(weights_dir), Path(checkpoint_dir), reporter, device, procs)
+    finally:
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+        if procs.owns_group:
+            dist.destroy_process_group()
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _fine_tune(config, manifest, weights, weights_dir, checkpoint_dir, reporter, device, procs) -> TrainResult | None:
+    progress = Progress(reporter, procs, device, config.epochs)
+    progress.phase(pb.JOB_PHASE_PREPARING, f"building {config.backbone} for {len(manifest.class_names)} classes")
+    _check_manifest(manifest)
+    seed_everything(config.seed)
+    job = _prepare(config, manifest, weights, weights_dir, device, procs, progress)
+    ckpt_path = checkpoint.path_in(checkpoint_dir)
+    state = checkpoint.load(ckpt_path)
+    fingerprint = _fingerprint(config, manifest)
+    if state is not None and state.get("fingerprint") != fingerprint:
+        log.warning("ignoring checkpoint %s: it was written for other settings or data", ckpt_path)
+        state = None
+
+    decision = (
+        pb.StrategyDecision.FromString(state["decision"]) if state is not None else decide_strategy(job)
+    )
+    if config.strategy == S.STRATEGY_AUTO:
+        job.config = config = config.resolved(decision.strategy, decision.trainable_groups)
+        progress.total_epochs = config.epochs
+    if config.strategy == S.STRATEGY_PROTOTYPE:
+        return fit_prototype(job, decision)
+    return train(job, decision, state, ckpt_path, fingerprint)
+
+
+def _check_manifest(manifest: Manifest) -> None:
+    counts = manifest.class_counts("train")
+    empty = [name for name, count in zip(manifest.class_names, counts) if count == 0]
+    if empty:
+        raise InvalidArgument(f"dataset {manifest.id}: classes {', '.join(empty)} have no training images")
+
+
+def _fingerprint(config: TrainConfig, manifest: Manifest) -> str:
+    digest = hashlib.sha256(config.to_request().SerializeToString(deterministic=True))
+    digest.update(manifest.to_json().encode())
+    return digest.hexdigest()
+
+
+def _prepare(config, manifest, weights, weights_dir, device, procs, progress) -> _Job:
+    """The model on its device and the datasets and loaders of the three splits."""
+    built = backbones.build(
+        config.backbone,
+        len(manifest.class_names),
+        weights=weights,
+        weights_dir=weights_dir,
+        head_dropout=config.head_dropout,
+        image_size=config.image_size or None,
+    )
+    built.model.to(device)
+    if device.type == "cuda":
+        built.model.to(memory_format=torch.channels_last)
+    preprocessing = data.resolve_preprocessing(built.preprocessing, config.image_size)
+    eval_tf = data.eval_transform(preprocessing)
+    train_set = data.ImageDataset(manifest.samples("train"), data.train_transform(preprocessing, config))
+    train_eval_set = data.ImageDataset(manifest.samples("train"), eval_tf)
+    val_set = data.ImageDataset(manifest.samples("val"), eval_tf)
+    test_set = data.ImageDataset(manifest.samples("test"), eval_tf)
+    per_process_batch = max(1, config.batch_size // procs.world_size)
+    return _Job(
+        config=config,
+        manifest=manifest,
+        built=built,
+        preprocessing=preprocessing,
+        device=device,
+        procs=procs,
+        amp=autocast_dtype(config, device),
+        progress=progress,
+        train_set=train_set,
+        train_eval_set=train_eval_set,
+        train_loader=data.make_loader(
+            train_set, per_process_batch, shuffle=True, device=device, seed=config.seed, rank=procs.rank, world_size=procs.world_size
+        ),
+        # Evaluation runs on rank 0 alone, over the whole split: no sampler padding
+        # duplicates images, and the numbers equal a one-process run's.
+        val_loader=data.make_loader(val_set, config.batch_size, shuffle=False, device=device),
+        test_loader=data.make_loader(test_set, config.batch_size, shuffle=False, device=device),
+        class_names=list(manifest.class_names),
+    )
+
+
+# -- stage: decide ----------------------------------------------------------------------
+
+
+def decide_strategy(job: _Job) -> pb.StrategyDecision:
+    """AUTO: measure the data and apply the table (strategies.decide); otherwise
+    record the caller's choice."""
+    config, built = job.config, job.built
+    num_classes = len(job.class_names)
+    images_per_class = len(job.train_set) / num_classes
+    below = len(strategies.groups_below_head(built))
+    if config.strategy != S.STRATEGY_AUTO:
+        groups = {
+            S.STRATEGY_PARTIAL: min(config.trainable_groups, below),
+            S.STRATEGY_FULL: below,
+            S.STRATEGY_PROGRESSIVE_UNFREEZING: min((config.epochs - 1) // config.epochs_per_phase, below),
+        }.get(config.strategy, 0)
+        return strategies.requested(config.strategy, images_per_class, num_classes, groups)
+    job.progress.phase(pb.JOB_PHASE_CACHING_FEATURES, "probing frozen features to choose a strategy")
+    labels = [label for _, label in job.train_eval_set.samples]
+    subset = strategies.probe_subset(labels, num_classes, config.seed)
+    loader = data.make_loader(torch.utils.data.Subset(job.train_eval_set, subset), config.batch_size, shuffle=False, device=job.device)
+    with _side_stream(config.seed, job.device):
+        features, probe_labels = extract_features(built.trunk, loader, job.device, job.amp, job.check)
+    probe = strategies.probe_accuracy(features, probe_labels, num_classes)
+    decision = strategies.decide(images_per_class, probe, num_classes, below)
+    job.progress.phase(pb.JOB_PHASE_PREPARING, f"AUTO: {decision.reason}")
+    return decision
+
+
+# -- stage: prototype -----------------------------------------------------------------
+
+
+def fit_prototype(job: _Job, decision: pb.StrategyDecision) -> TrainResult | None:
+    """Nearest class mean as a Linear head; no gradient steps. With augmentation
+    on, each class mean averages `cached_views` augmented views of its images."""
+    job.progress.total_epochs = 1
+    cache = build_feature_cache(job)
+    views, count, dim = cache.train.shape
+    features = cache.train.reshape(views * count, dim)  # (V·N, D)
+    labels = cache.train_labels.repeat(views)  # (V·N,)
+    strategies.freeze(job.built, [])
+    strategies.set_prototype_head(job.built, features, labels, len(job.class_names))
+    return finish(job, decision, best_state=None, best_epoch=1, epochs_run=1)
+
+
+# -- stage: train -----------------------------------------------------------------------
+
+
+def train(job: _Job, decision, state: dict | None, ckpt_path: Path, fingerprint: str) -> TrainResult | None:
+    config, built, procs = job.config, job.built, job.procs
+    steps_per_epoch = len(job.train_loader)
+    total_steps = config.epochs * steps_per_epoch
+    job.progress.total_steps = total_steps
+    job.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    groups = strategies.param_groups(
+        built, learning_rate=config.learning_rate, layer_lr_decay=config.layer_lr_decay, weight_decay=config.weight_decay
+    )
+    job.optimizer = OPTIMIZERS[config.optimizer](groups, config)
+    factor = SCHEDULES[config.schedule](total_steps, round(config.warmup_epochs * steps_per_epoch))
+    job.scheduler = torch.optim.lr_scheduler.LambdaLR(job.optimizer, factor)
+    job.scaler = torch.amp.GradScaler(job.device.type, enabled=job.amp == torch.float16)
+
+    # The loop's memory: what a checkpoint saves and a resume restores.
+    start_epoch, best_metric, best_epoch, bad_epochs = 0, None, 0, 0
+    best_state, history = None, []
+    if state is not None:
+        built.model.load_state_dict(state["model"])
+        job.optimizer.load_state_dict(state["optimizer"])
+        job.scheduler.load_state_dict(state["scheduler"])
+        job.scaler.load_state_dict(state["scaler"])
+        start_epoch, best_metric, best_epoch = state["epoch"], state["best_metric"], state["best_epoch"]
+        bad_epochs, best_state, history = state["bad_epochs"], state["best_state"], state["history"]
+        job.step = state["step"]
+        checkpoint.set_rng_state(state["rng"])
+        job.progress.epochs_before = start_epoch
+        job.progress.phase(pb.JOB_PHASE_PREPARING, f"resumed after epoch {start_epoch} from {ckpt_path.name}", epoch=start_epoch)
+
+    cache: FeatureCache | None = None
+    ddp: nn.Module | None = None
+    trainable_names: list[str] | None = None
+    stop = bool(state and state.get("stopped"))
+    for epoch in range(start_epoch, 0 if stop else config.epochs):
+        trainable = strategies.trainable_at(
+            config.strategy, built, epoch=epoch, trainable_groups=config.trainable_groups, epochs_per_phase=config.epochs_per_phase
+        )
+        names = [g.name for g in trainable]
+        if names != trainable_names:
+            if trainable_names is not None:
+                bad_epochs = 0  # a new phase gets its full patience
+            strategies.freeze(built, trainable)
+            trainable_names, ddp = names, None
+            job.progress.unfrozen = names
+        strategies.set_train_mode(built, trainable)
+        use_cache = config.cache_features and strategies.backbone_frozen(built, trainable)
+        job.progress.start_epoch()
+
+        if use_cache:
+            if cache is None:
+                cache = build_feature_cache(job)
+            strategies.set_train_mode(built, trainable)
+            train_loss, train_acc = train_head_one_epoch(job, cache, epoch)
+        else:
+            if procs.distributed and ddp is None:
+                ddp = _wrap_ddp(job)
+            train_loss, train_acc = train_one_epoch(job, ddp or built.model, epoch)
+
+        job.progress.phase(pb.JOB_PHASE_EVALUATING, f"epoch {epoch + 1}: evaluating on val", epoch=epoch + 1)
+        val_loss, val_acc = 0.0, 0.0
+        if procs.main:
+            val = (
+                evaluate_head(built.head, cache.val, cache.val_labels, job.class_names, job.device)
+                if use_cache
+                else evaluate(built.model, job.val_loader, job.class_names, job.device, autocast_dtype=job.amp,
+                              check=None if procs.distributed else job.check)
+            )
+            val_loss, val_acc = val.loss, val.top1_accuracy
+        val_loss, val_acc = _broadcast([val_loss, val_acc], procs, job.device)
+
+        # Best weights and early stopping. Without a val split every epoch counts
+        # as the best, so the last is kept and nothing stops early.
+        metric = val_acc if config.stop_metric == "val_accuracy" else val_loss
+        sign = 1.0 if config.stop_metric == "val_accuracy" else -1.0
+        has_val = len(job.val_loader.dataset) > 0
+        if not has_val or best_metric is None or sign * (metric - best_metric) > config.min_delta:
+            best_metric, best_epoch, bad_epochs = metric, epoch + 1, 0
+            best_state = _cpu_copy(built.model.state_dict())
+        else:
+            bad_epochs += 1
+        stop = has_val and config.patience > 0 and bad_epochs >= config.patience
+        history.append(
+            {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
+             "val_accuracy": val_acc, "learning_rate": job.head_lr(), "unfrozen_groups": names}
+        )
+
+        if procs.main:
+            checkpoint.save(
+                {
+                    "format": 1,
+                    "fingerprint": fingerprint,
+                    "decision": decision.SerializeToString(),
+                    "epoch": epoch + 1,
+                    "step": job.step,
+                    "model": _cpu_copy(built.model.state_dict()),
+                    "optimizer": job.optimizer.state_dict(),
+                    "scheduler": job.scheduler.state_dict(),
+                    "scaler": job.scaler.state_dict(),
+                    "best_metric": best_metric,
+                    "best_epoch": best_epoch,
+                    "best_state": best_state,
+                    "bad_epochs": bad_epochs,
+                    "stopped": stop,
+                    "history": history,
+                    "rng": checkpoint.rng_state(),
+                },
+                ckpt_path,
+            )
+        job.progress.end_epoch(
+            epoch=epoch + 1, step=job.step, train_loss=train_loss, train_accuracy=train_acc, val_loss=val_loss,
+            val_accuracy=val_acc, learning_rate=job.head_lr(),
+            message=f"epoch {epoch + 1}/{config.epochs}: val accuracy {val_acc:.3f}, loss {val_loss:.4f}"
+            + (f"; early stop, best epoch {best_epoch}" if stop else ""),
+        )
+        if stop:
+            break
+    epochs_run = len(history)
+    return finish(job, decision, best_state=best_state, best_epoch=best_epoch, epochs_run=epochs_run)
+
+
+def _wrap_ddp(job: _Job) -> nn.Module:
+    """DDP over the model for the current set of trainable parameters (DDP records
+    them at construction: a new phase of progressive unfreezing needs a new wrapper).
+    `find_unused_parameters` costs a graph walk per step, so only when a trainable
+    parameter gets no gradient (checked once, on one batch, in eval mode so that
+    BatchNorm statistics stay untouched)."""
+    model = job.built.model
+    unused = _has_unused_parameters(model, job.train_eval_set, job.device)
+    if job.device.type == "cuda":
+        return DistributedDataParallel(model, device_ids=[job.device.index], find_unused_parameters=unused)
+    return DistributedDataParallel(model, find_unused_parameters=unused)
+
+
+def _has_unused_parameters(model: nn.Module, dataset, device: torch.device) -> bool:
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    images = torch.stack([dataset[0][0]]).to(device)  # (1, 3, H, W)
+    model(images).float().sum().backward()
+    unused = any(p.grad is None for p in model.parameters() if p.requires_grad)
+    model.zero_grad(set_to_none=True)
+    for module, training in was_training.items():
+        module.train(training)
+    return unused
+
+
+def _cpu_copy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
+
+
+# -- stage: finish -----------------------------------------------------------------------
+
+
+def finish(job: _Job, decision, *, best_state, best_epoch: int, epochs_run: int) -> TrainResult | None:
+    """The best weights, evaluated on val and test (rank 0 only)."""
+    built = job.built
+    if best_state is not None:
+        built.model.load_state_dict(best_state)
+    if not job.procs.main:
+        return None
+    job.progress.phase(pb.JOB_PHASE_EVALUATING, f"evaluating the best epoch ({best_epoch}) on val and test", epoch=epochs_run)
+    check = None if job.procs.distributed else job.check
+    val = evaluate(built.model, job.val_loader, job.class_names, job.device, autocast_dtype=job.amp, check=check)
+    test = evaluate(built.model, job.test_loader, job.class_names, job.device, autocast_dtype=job.amp, check=check)
+    job.progress.phase(
+        pb.JOB_PHASE_EVALUATING,
+        f"best epoch {best_epoch}: val accuracy {val.top1_accuracy:.3f}, test accuracy {test.top1_accuracy:.3f}",
+        epoch=epochs_run, val_loss=val.loss, val_accuracy=val.top1_accuracy,
+    )
+    return TrainResult(
+        state_dict=_cpu_copy(built.model.state_dict()),
+        class_names=list(job.class_names),
+        preprocessing=job.preprocessing,
+        val=val,
+        test=test,
+        decision=decision,
+        config=job.config,
+        best_epoch=best_epoch,
+        epochs_run=epochs_run,
+        parameter_count=sum(p.numel() for p in built.model.parameters()),
+    )

@@ -1,0 +1,280 @@
+"""What trains, at what rate: freezing, discriminative learning rates, the
+prototype head, and AUTO's choice of strategy.
+
+A backbone is a list of layer groups, bottom to top, the last being the head
+(`backbones.BuiltModel.groups`). A strategy is a rule for which of them train in
+a given epoch (`trainable_at`): FEATURE_EXTRACTION the head, PARTIAL the head and
+the top N groups, FULL everything, PROGRESSIVE_UNFREEZING one more group per
+phase, top down; PROTOTYPE none (its head is computed, not learned). Frozen groups
+have `requires_grad` off and run in eval mode even while the model trains, so
+BatchNorm neither uses batch statistics nor updates its running ones, and dropout
+and stochastic depth are off: a frozen trunk computes exactly the features a
+feature cache would hold.
+
+AUTO (`decide`) follows the design's size × similarity table.
+
+- size: training images per class. At most `PROTOTYPE_MAX_IMAGES_PER_CLASS` (5)
+  → PROTOTYPE: too few to fit even a linear head without overfitting, while class
+  means are well defined from one image. At least `LARGE_IMAGES_PER_CLASS` (200)
+  is large: between Oxford-IIIT Pets (~100 per class, where fine-tuning the whole
+  network overfits) and Food-101 (750 per class, where it pays).
+- similarity: a nearest-class-mean probe on frozen pretrained features of the
+  training images, leave-one-out (each image is scored against class means that
+  exclude it, so no data is held back from a few-shot set), at most
+  `PROBE_MAX_IMAGES_PER_CLASS` images per class. Its accuracy is normalised
+  against chance, (acc - 1/C) / (1 - 1/C), so 2 and 200 classes compare; at least
+  `SIMILAR_MIN_SCORE` (0.6) is similar: features that already separate the classes
+  that well need little adaptation (ImageNet features on pets or flowers score
+  0.8-0.9; on X-rays, satellite tiles or our procedural shapes far less).
+
+small & similar → FEATURE_EXTRACTION; small & different → PARTIAL with the top 2
+groups; large & similar → PARTIAL with the top half of the groups (at least 2);
+large & different → FULL.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from client.tlserve.v1 import tlserve_pb2 as pb
+from service import backbones
+
+PROTOTYPE_MAX_IMAGES_PER_CLASS = 5
+LARGE_IMAGES_PER_CLASS = 200
+SIMILAR_MIN_SCORE = 0.6
+PROBE_MAX_IMAGES_PER_CLASS = 64
+SMALL_DIFFERENT_GROUPS = 2
+
+S = pb.Strategy
+
+
+# -- which groups train -------------------------------------------------------
+
+
+def groups_below_head(built) -> list:
+    return list(built.groups[:-1])
+
+
+def trainable_at(strategy: int, built, *, epoch: int, trainable_groups: int, epochs_per_phase: int) -> list:
+    """The layer groups (head last) that train in 0-based `epoch`."""
+    below = groups_below_head(built)
+    head = built.groups[-1]
+    if strategy == S.STRATEGY_PROTOTYPE:
+        return []
+    if strategy == S.STRATEGY_FEATURE_EXTRACTION:
+        top = 0
+    elif strategy == S.STRATEGY_PARTIAL:
+        top = trainable_groups
+    elif strategy == S.STRATEGY_FULL:
+        top = len(below)
+    elif strategy == S.STRATEGY_PROGRESSIVE_UNFREEZING:
+        top = epoch // epochs_per_phase  # phase 0: the head alone
+    else:
+        raise ValueError(f"strategy {pb.Strategy.Name(strategy)} has no training schedule")
+    top = min(top, len(below))
+    return [*below[len(below) - top :], head]
+
+
+def phase_of(strategy: int, built, *, epoch: int, epochs_per_phase: int) -> int:
+    """0-based phase: changes when the set of trainable groups does."""
+    if strategy != S.STRATEGY_PROGRESSIVE_UNFREEZING:
+        return 0
+    return min(epoch // epochs_per_phase, len(groups_below_head(built)))
+
+
+def freeze(built, trainable: Sequence) -> None:
+    """`requires_grad` on for the parameters of `trainable` groups only."""
+    train_ids = {id(p) for group in trainable for p in group.parameters()}
+    for p in built.model.parameters():
+        p.requires_grad_(id(p) in train_ids)
+
+
+def set_train_mode(built, trainable: Sequence) -> None:
+    """model.train(), then every module of a frozen group back to eval mode.
+
+    Layers in no group (pooling, and torchvision's own dropout before the cut
+    classifier: MobileNetV2, EfficientNet, GoogLeNet, Inception, MNASNet) sit at
+    the top of the trunk and follow the top group below the head: in eval mode
+    while it is frozen, so that a frozen trunk's features are deterministic."""
+    built.model.train()
+    trainable_names = {group.name for group in trainable}
+    for group in built.groups:
+        if group.name not in trainable_names:
+            for module in group.modules:
+                module.eval()
+    below = groups_below_head(built)
+    if below and below[-1].name not in trainable_names:
+        grouped = {id(m) for group in built.groups for top in group.modules for m in top.modules()}
+        for module in built.trunk.modules():
+            if id(module) not in grouped and not any(True for _ in module.children()):
+                module.eval()
+
+
+def backbone_frozen(built, trainable: Sequence) -> bool:
+    """Only the head trains: features can be computed once and cached."""
+    return len(trainable) == 1 and trainable[0] is built.groups[-1]
+
+
+# -- discriminative learning rates ---------------------------------------------
+
+
+def _no_weight_decay(name: str, p: torch.Tensor) -> bool:
+    # Biases and normalisation scales/shifts (all 1-D) are not decayed: decaying
+    # them pulls BatchNorm/LayerNorm gains towards 0 and regularises nothing useful.
+    return p.ndim <= 1
+
+
+def param_groups(built, *, learning_rate: float, layer_lr_decay: float, weight_decay: float) -> list[dict]:
+    """One or two optimiser param groups per layer group: the head at
+    `learning_rate`, the group k below it at learning_rate × layer_lr_decay**k;
+    each split into decayed weights and undecayed biases/norms. Every group is
+    listed, frozen or not: a parameter without a gradient is skipped by SGD and
+    AdamW, so progressive unfreezing needs no new optimiser per phase."""
+    result = []
+    for k, group in enumerate(reversed(built.groups)):  # k = 0 is the head
+        lr = learning_rate * layer_lr_decay**k
+        named = [(f"{group.name}.{i}", p) for i, p in enumerate(group.parameters())]
+        decay = [p for n, p in named if not _no_weight_decay(n, p)]
+        no_decay = [p for n, p in named if _no_weight_decay(n, p)]
+        if decay:
+            result.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "name": group.name})
+        if no_decay:
+            result.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": f"{group.name}.no_decay"})
+    return result
+
+
+# -- the prototype head ----------------------------------------------------------
+
+
+def head_linear(built) -> nn.Linear:
+    """The head's Linear layer (the head is Dropout + Linear)."""
+    linears = [m for m in built.head.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("the head has no Linear layer")
+    return linears[-1]
+
+
+def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class mean and count of `features` (N, D) -> ((C, D), (C,))."""
+    features = features.double()
+    sums = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, device=features.device)
+    sums.index_add_(0, labels, features)
+    counts = torch.bincount(labels, minlength=num_classes).to(features.device)
+    return sums / counts.clamp(min=1)[:, None], counts
+
+
+def prototype_weights(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear weights for nearest class mean: argmin_c ‖x − μ_c‖² = argmax_c
+    2μ_c·x − ‖μ_c‖² (‖x‖² is the same for every class). -> ((C, D), (C,))."""
+    means, _ = class_means(features, labels, num_classes)  # (C, D)
+    return (2 * means).float(), (-(means * means).sum(dim=1)).float()
+
+
+def set_prototype_head(built, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+    weight, bias = prototype_weights(features, labels, num_classes)
+    linear = head_linear(built)
+    with torch.no_grad():
+        linear.weight.copy_(weight.to(linear.weight.device))
+        linear.bias.copy_(bias.to(linear.bias.device))
+
+
+# -- AUTO -----------------------------------------------------------------------
+
+
+def probe_accuracy(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """Leave-one-out nearest-class-mean accuracy on L2-normalised features (N, D).
+
+    Image i is compared with its own class's mean recomputed without it,
+    (S_c − x_i) / (n_c − 1); images alone in their class can't be scored and are
+    skipped. NaN when none can be scored."""
+    x = nn.functional.normalize(features.double(), dim=1)  # (N, D)
+    means, counts = class_means(x, labels, num_classes)  # (C, D), (C,)
+    sums = means * counts[:, None]
+    distances = torch.cdist(x, means) ** 2  # (N, C)
+    own_count = counts[labels].double()  # (N,)
+    scorable = own_count > 1
+    if not scorable.any():
+        return math.nan
+    loo_mean = (sums[labels] - x) / (own_count - 1).clamp(min=1)[:, None]  # (N, D)
+    distances[torch.arange(len(x)), labels] = ((x - loo_mean) ** 2).sum(dim=1)
+    # Classes with no images at all must never win.
+    distances[:, counts == 0] = math.inf
+    correct = distances.argmin(dim=1) == labels
+    return correct[scorable].double().mean().item()
+
+
+def probe_subset(labels: Sequence[int], num_classes: int, seed: int, limit: int = PROBE_MAX_IMAGES_PER_CLASS) -> list[int]:
+    """Indices of at most `limit` images per class, a seeded random choice."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=generator).tolist()
+    taken = [0] * num_classes
+    chosen = []
+    for i in order:
+        if taken[labels[i]] < limit:
+            taken[labels[i]] += 1
+            chosen.append(i)
+    return sorted(chosen)
+
+
+def decide(images_per_class: float, probe: float, num_classes: int, groups_below: int) -> pb.StrategyDecision:
+    """AUTO's table (module docstring), with the numbers in the reason."""
+    chance = 1.0 / num_classes
+    score = (probe - chance) / (1 - chance) if math.isfinite(probe) else math.nan
+    size = f"{images_per_class:.1f} training images per class"
+    measured = (
+        f"a nearest-class-mean probe on frozen features scored {probe:.3f} against chance {chance:.3f} "
+        f"(normalised {score:.2f}; similar from {SIMILAR_MIN_SCORE:.2f})"
+        if math.isfinite(probe)
+        else "the similarity probe could not run (fewer than 2 images in every class)"
+    )
+    if images_per_class <= PROTOTYPE_MAX_IMAGES_PER_CLASS:
+        strategy, groups = S.STRATEGY_PROTOTYPE, 0
+        why = f"at most {PROTOTYPE_MAX_IMAGES_PER_CLASS} per class is too few to train a head: prototype (nearest class mean)"
+    else:
+        large = images_per_class >= LARGE_IMAGES_PER_CLASS
+        similar = math.isfinite(score) and score >= SIMILAR_MIN_SCORE
+        if not large and similar:
+            strategy, groups = S.STRATEGY_FEATURE_EXTRACTION, 0
+        elif not large:
+            strategy, groups = S.STRATEGY_PARTIAL, min(SMALL_DIFFERENT_GROUPS, groups_below)
+        elif similar:
+            strategy, groups = S.STRATEGY_PARTIAL, min(groups_below, max(2, math.ceil(groups_below / 2)))
+        else:
+            strategy, groups = S.STRATEGY_FULL, groups_below
+        why = (
+            f"{'large' if large else 'small'} (large from {LARGE_IMAGES_PER_CLASS} per class) and "
+            f"{'similar' if similar else 'different'}: {STRATEGY_WORDS[strategy]}"
+            + (f" of the top {groups} groups" if strategy == S.STRATEGY_PARTIAL else "")
+        )
+    return pb.StrategyDecision(
+        strategy=strategy,
+        reason=f"{size} and {measured}; {why}.",
+        images_per_class=images_per_class,
+        probe_accuracy=probe if math.isfinite(probe) else 0.0,
+        chance_accuracy=chance,
+        trainable_groups=groups,
+    )
+
+
+STRATEGY_WORDS = {
+    S.STRATEGY_FEATURE_EXTRACTION: "feature extraction",
+    S.STRATEGY_PARTIAL: "partial fine-tuning",
+    S.STRATEGY_FULL: "full fine-tuning",
+    S.STRATEGY_PROGRESSIVE_UNFREEZING: "progressive unfreezing",
+    S.STRATEGY_PROTOTYPE: "prototype",
+}
+
+
+def requested(strategy: int, images_per_class: float, num_classes: int, trainable_groups: int) -> pb.StrategyDecision:
+    """The decision record of a strategy the caller chose."""
+    return pb.StrategyDecision(
+        strategy=strategy,
+        reason=f"{STRATEGY_WORDS[strategy]} as requested; {images_per_class:.1f} training images per class.",
+        images_per_class=images_per_class,
+        chance_accuracy=1.0 / num_classes,
+        trainable_groups=trainable_groups,
+    )

@@ -1,0 +1,269 @@
+"""The training engine end to end on tiny procedural datasets (3 shapes, 32 px,
+8 training images per class, resnet18 from random weights, CPU, one thread).
+
+No pretrained weights can be downloaded here, and random convolutional features
+don't tell star from diamond, so "learns" is checked where it is measurable: on a
+manifest whose val split is its train split (the head, or the network, must fit
+the images it trains on), against chance (1/3)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client.tlserve.v1 import tlserve_pb2 as pb
+from service import backbones
+from service.training import checkpoint, engine, strategies
+from service.training.config import TrainConfig
+from service.training.selfcheck import synthetic_manifest
+
+NONE = backbones.WeightsChoice(kind="none")
+CHANCE = 1 / 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return synthetic_manifest(tmp_path_factory.mktemp("shapes"), per_split={"train": 8, "val": 4, "test": 4})
+
+
+@pytest.fixture(scope="module")
+def memorise(shapes):
+    """The same images as `shapes`, validated on the training split itself."""
+    return dataclasses.replace(shapes, splits={**shapes.splits, "val": shapes.splits["train"]})
+
+
+class Events:
+    """A Reporter that keeps every event; optionally crashes or cancels."""
+
+    def __init__(self, crash_after_epoch: int | None = None, cancel_after_polls: int | None = None) -> None:
+        self.events: list[pb.JobEvent] = []
+        self.crash_after_epoch = crash_after_epoch
+        self.cancel_after_polls = cancel_after_polls
+        self.polls = 0
+        self.polls_after_cancel = 0
+
+    def report(self, event: pb.JobEvent) -> None:
+        self.events.append(event)
+        if self.crash_after_epoch and event.message.startswith(f"epoch {self.crash_after_epoch}/"):
+            raise KeyboardInterrupt("simulated crash")  # like kill -9: nothing handles it
+
+    def cancelled(self) -> bool:
+        self.polls += 1
+        if self.cancel_after_polls is not None and self.polls > self.cancel_after_polls:
+            self.polls_after_cancel += 1
+            return True
+        return False
+
+    def epoch_ends(self) -> list[pb.JobEvent]:
+        return [e for e in self.events if e.message.startswith("epoch ") and "/" in e.message.split()[1]]
+
+
+def config_for(strategy: int, *, epochs: int = 3, lr: float = 0.01, augment: bool = False, cache: bool = True, **training) -> TrainConfig:
+    request = pb.FineTuneRequest(backbone="resnet18", strategy=strategy, image_size=32, seed=5)
+    t = request.training
+    t.epochs, t.batch_size, t.learning_rate, t.cache_features, t.head_dropout = epochs, 4, lr, cache, 0.1
+    for name, value in training.items():
+        if name == "trainable_groups":
+            request.trainable_groups = value
+        elif name == "patience":
+            t.early_stopping.patience = value
+        elif name == "min_delta":
+            t.early_stopping.min_delta = value
+        else:
+            setattr(t, name, value)
+    request.augmentation.enabled = augment
+    # On the CPU even where there is a GPU: the bit-for-bit checks are CPU guarantees.
+    return TrainConfig.from_request(request, num_classes=3, train_images_per_class=8, device_type="cpu")
+
+
+def run(config: TrainConfig, manifest, tmp_path: Path, reporter=None, name: str = "ckpt") -> engine.TrainResult:
+    return engine.fine_tune(config, manifest, weights=NONE, weights_dir=tmp_path, checkpoint_dir=tmp_path / name,
+                            reporter=reporter or Events(), device=torch.device("cpu"))
+
+
+def initial_state(config: TrainConfig) -> dict[str, torch.Tensor]:
+    """The weights fine_tune starts from: same seeding, same build."""
+    random.seed(config.seed), np.random.seed(config.seed), torch.manual_seed(config.seed)
+    built = backbones.build("resnet18", 3, weights=NONE, weights_dir="/x", head_dropout=config.head_dropout, image_size=32)
+    return {k: v.clone() for k, v in built.model.state_dict().items()}
+
+
+# -- strategies ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "uncached"])
+def test_feature_extraction_changes_only_the_head_and_keeps_batchnorm_statistics(cache, shapes, tmp_path):
+    config = config_for(pb.STRATEGY_FEATURE_EXTRACTION, epochs=1, cache=cache, augment=True)
+    before = initial_state(config)
+    after = run(config, shapes, tmp_path).state_dict
+    trunk = [k for k in before if k.startswith("trunk.")]
+    assert any("running_mean" in k for k in trunk)
+    assert all(torch.equal(before[k], after[k]) for k in trunk), "a frozen weight or BN statistic changed"
+    assert not torch.equal(before["head.1.weight"], after["head.1.weight"])
+
+
+def test_partial_trains_the_top_group_and_freezes_the_rest_with_their_statistics(shapes, tmp_path):
+    config = config_for(pb.STRATEGY_PARTIAL, epochs=1, trainable_groups=1)
+    before = initial_state(config)
+    result = run(config, shapes, tmp_path)
+    after = result.state_dict
+    frozen = [k for k in before if k.startswith("trunk.") and not k.startswith("trunk.layer4.")]
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not torch.equal(before["trunk.layer4.0.conv1.weight"], after["trunk.layer4.0.conv1.weight"])
+    # The trained group's BatchNorm is in train mode: its statistics move.
+    assert not torch.equal(before["trunk.layer4.0.bn1.running_mean"], after["trunk.layer4.0.bn1.running_mean"])
+    assert result.decision.trainable_groups == 1
+
+
+@pytest.mark.parametrize(
+    "strategy, options",
+    [
+        # Random features separate these images weakly: the head needs more steps
+        # (cached epochs cost next to nothing).
+        (pb.STRATEGY_FEATURE_EXTRACTION, {"lr": 0.03, "epochs": 10}),
+        (pb.STRATEGY_PARTIAL, {}),
+        (pb.STRATEGY_FULL, {"lr": 0.003, "optimizer": pb.OPTIMIZER_ADAMW}),
+        (pb.STRATEGY_PROGRESSIVE_UNFREEZING, {"epochs_per_phase": 1}),
+        (pb.STRATEGY_PROTOTYPE, {}),
+    ],
+    ids=lambda v: pb.Strategy.Name(v).removeprefix("STRATEGY_").lower() if isinstance(v, int) else "",
+)
+def test_every_strategy_runs_end_to_end_and_fits_its_training_images(strategy, options, memorise, tmp_path):
+    events = Events()
+    result = run(config_for(strategy, **options), memorise, tmp_path, events)
+    assert result.decision.strategy == strategy and result.config.strategy == strategy
+    assert result.val.top1_accuracy > CHANCE + 0.15, result.val
+    assert result.test.image_count == 12 and len(result.test.confusion_matrix) == 9
+    assert set(result.state_dict) == set(initial_state(result.config))
+    assert result.preprocessing.crop_size == 32 and result.class_names == list(memorise.class_names)
+    phases = {e.phase for e in events.events}
+    assert {pb.JOB_PHASE_PREPARING, pb.JOB_PHASE_EVALUATING} <= phases
+    if strategy != pb.STRATEGY_PROTOTYPE:
+        ends = events.epoch_ends()
+        epochs = result.config.epochs
+        assert [e.epoch for e in ends] == list(range(1, epochs + 1)) and ends[-1].total_epochs == epochs
+        assert ends[-1].step == ends[-1].total_steps == epochs * 6  # 24 images, batch 4
+        assert ends[1].HasField("eta") and all(e.learning_rate >= 0 for e in ends)
+    if strategy == pb.STRATEGY_PROGRESSIVE_UNFREEZING:
+        assert [list(e.unfrozen_groups) for e in events.epoch_ends()] == [["head"], ["layer4", "head"], ["layer3", "layer4", "head"]]
+        assert pb.JOB_PHASE_CACHING_FEATURES in phases  # phase 1 trains the head on cached features
+
+
+def test_prototype_head_is_the_nearest_class_mean_of_frozen_features(shapes, tmp_path):
+    config = config_for(pb.STRATEGY_PROTOTYPE)
+    result = run(config, shapes, tmp_path)
+    built = backbones.build("resnet18", 3, weights=NONE, weights_dir="/x", image_size=32)
+    built.model.load_state_dict(result.state_dict)
+    start = initial_state(config)
+    assert all(torch.equal(v, start[k]) for k, v in result.state_dict.items() if k.startswith("trunk."))
+    from service.training import data
+
+    loader = data.make_loader(data.ImageDataset(shapes.samples("train"), data.eval_transform(result.preprocessing)), 8,
+                              shuffle=False, device=torch.device("cpu"))
+    features, labels = engine.extract_features(built.trunk, loader, torch.device("cpu"), None, lambda: None)
+    means = torch.stack([features[labels == c].double().mean(0) for c in range(3)]).float()
+    assert torch.allclose(built.head[1].weight, 2 * means, atol=1e-4)
+    assert torch.allclose(built.head[1].bias, -(means**2).sum(1), rtol=1e-4)
+    assert result.epochs_run == 1 and result.best_epoch == 1
+
+
+def test_auto_picks_prototype_at_five_images_per_class_and_states_its_numbers(tmp_path):
+    few = synthetic_manifest(tmp_path / "few", per_split={"train": 4, "val": 2, "test": 2}, seed=3)
+    request = pb.FineTuneRequest(backbone="resnet18", image_size=32, seed=1)  # strategy unset: AUTO
+    config = TrainConfig.from_request(request, num_classes=3, train_images_per_class=4, device_type="cpu")
+    result = run(config, few, tmp_path)
+    decision = result.decision
+    assert decision.strategy == pb.STRATEGY_PROTOTYPE and result.config.strategy == pb.STRATEGY_PROTOTYPE
+    assert decision.images_per_class == 4.0 and decision.chance_accuracy == pytest.approx(CHANCE)
+    assert 0.0 <= decision.probe_accuracy <= 1.0
+    assert "4.0 training images per class" in decision.reason and f"{decision.probe_accuracy:.3f}" in decision.reason
+    assert result.config.to_request().strategy == pb.STRATEGY_PROTOTYPE
+
+
+def test_cached_and_uncached_feature_extraction_agree_within_noise(memorise, tmp_path):
+    # Same seed, same head initialisation, same batch size and schedule; only the
+    # batch order and dropout masks differ (and, with augmentation, the cached views).
+    # 24 images: one image is 0.042 of accuracy; SGD noise over 36 steps moves a
+    # few of them, so 0.2 (5 images) is the tolerance, and both must fit.
+    accuracies = {}
+    for cache in (True, False):
+        config = config_for(pb.STRATEGY_FEATURE_EXTRACTION, epochs=6, lr=0.03, cache=cache)
+        accuracies[cache] = run(config, memorise, tmp_path, name=f"c{cache}").val.top1_accuracy
+    assert abs(accuracies[True] - accuracies[False]) <= 0.2, accuracies
+    assert min(accuracies.values()) > CHANCE + 0.15, accuracies
+
+
+# -- reproducibility, resume, cancel, early stopping ---------------------------------------
+
+
+def _same(a: engine.TrainResult, b: engine.TrainResult) -> None:
+    assert a.val.SerializeToString() == b.val.SerializeToString()
+    assert a.test.SerializeToString() == b.test.SerializeToString()
+    assert (a.best_epoch, a.epochs_run) == (b.best_epoch, b.epochs_run)
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+
+
+def test_same_seed_gives_identical_metrics_and_weights(shapes, tmp_path):
+    config = config_for(pb.STRATEGY_PARTIAL, epochs=2, augment=True)
+    _same(run(config, shapes, tmp_path, name="a"), run(config, shapes, tmp_path, name="b"))
+
+
+def test_resume_after_a_crash_gives_the_result_of_an_unbroken_run(shapes, tmp_path):
+    # Phase 1 on cached augmented features, then two phases on images: the resume
+    # must restore RNGs, optimiser, schedule and best weights, and the cache built
+    # before the crash must not have shifted any random stream.
+    config = config_for(pb.STRATEGY_PROGRESSIVE_UNFREEZING, epochs=3, epochs_per_phase=1, augment=True)
+    unbroken = run(config, shapes, tmp_path, name="unbroken")
+    with pytest.raises(KeyboardInterrupt):
+        run(config, shapes, tmp_path, Events(crash_after_epoch=1), name="crashed")
+    saved = checkpoint.load(tmp_path / "crashed" / "last.pt")  # weights_only=True
+    assert saved["epoch"] == 1
+    events = Events()
+    resumed = run(config, shapes, tmp_path, events, name="crashed")
+    assert [e.epoch for e in events.epoch_ends()] == [2, 3]
+    assert any("resumed after epoch 1" in e.message for e in events.events)
+    _same(unbroken, resumed)
+
+
+def test_cancel_raises_within_one_step(shapes, tmp_path):
+    reporter = Events(cancel_after_polls=5)
+    with pytest.raises(engine.Cancelled):
+        run(config_for(pb.STRATEGY_PARTIAL, epochs=3), shapes, tmp_path, reporter)
+    assert reporter.polls_after_cancel == 1  # the first poll that saw it raised
+    assert not any(e.message.startswith("epoch 2/") for e in reporter.events)
+
+
+def test_early_stopping_stops_and_returns_the_best_epoch(shapes, tmp_path):
+    # min_delta 1.0: no accuracy can improve on epoch 1 by a whole point, so with
+    # patience 2 the run stops after epoch 3 and keeps epoch 1's weights.
+    events = Events()
+    config = config_for(pb.STRATEGY_FEATURE_EXTRACTION, epochs=10, patience=2, min_delta=1.0)
+    result = run(config, shapes, tmp_path, events)
+    assert (result.best_epoch, result.epochs_run) == (1, 3)
+    first = events.epoch_ends()[0]
+    assert result.val.top1_accuracy == pytest.approx(first.val_accuracy)
+    assert result.val.loss == pytest.approx(first.val_loss, abs=1e-4)
+    assert "early stop, best epoch 1" in events.epoch_ends()[-1].message
+
+
+def test_checkpoint_holds_everything_a_resume_needs(shapes, tmp_path):
+    config = config_for(pb.STRATEGY_FULL, epochs=1, optimizer=pb.OPTIMIZER_SGD)
+    run(config, shapes, tmp_path)
+    saved = checkpoint.load(tmp_path / "ckpt" / "last.pt")
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "best_state", "best_metric", "bad_epochs",
+            "history", "rng", "decision", "fingerprint"} <= set(saved)
+    assert saved["history"][0]["epoch"] == 1 and saved["optimizer"]["param_groups"][0]["name"] == "head"
+    assert strategies.STRATEGY_WORDS[pb.STRATEGY_FULL] in pb.StrategyDecision.FromString(saved["decision"]).reason

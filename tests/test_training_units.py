@@ -1,0 +1,266 @@
+"""Pure pieces of the training engine: metrics, config, schedules, strategies'
+arithmetic, the checkpoint's RNG round trip. No model is trained here."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from client.tlserve.v1 import tlserve_pb2 as pb
+from service import backbones
+from service.errors import InvalidArgument
+from service.training import checkpoint, engine, strategies
+from service.training.config import TrainConfig
+from service.training.metrics import report_from_predictions
+
+
+def _logits_for(predictions: list[int], num_classes: int) -> torch.Tensor:
+    logits = torch.zeros(len(predictions), num_classes)
+    logits[torch.arange(len(predictions)), torch.tensor(predictions)] = 1.0
+    return logits
+
+
+# -- report_from_predictions ----------------------------------------------------------
+
+
+def test_report_counts_precision_recall_f1_and_confusion_by_hand():
+    # true:      a a a b b c
+    # predicted: a a b b c c
+    labels = [0, 0, 0, 1, 1, 2]
+    report = report_from_predictions(labels, _logits_for([0, 0, 1, 1, 2, 2], 3), ["a", "b", "c"], loss=0.5)
+    assert report.top1_accuracy == pytest.approx(4 / 6)
+    assert report.top5_accuracy == 1.0  # k = min(5, 3) = 3 covers every class
+    assert report.loss == 0.5 and report.image_count == 6
+    assert list(report.confusion_matrix) == [2, 1, 0, 0, 1, 1, 0, 0, 1]
+    a, b, c = report.per_class
+    assert (a.label, a.precision, a.recall, a.support) == ("a", 1.0, pytest.approx(2 / 3), 3)
+    assert a.f1 == pytest.approx(2 * 1 * (2 / 3) / (1 + 2 / 3))
+    assert (b.precision, b.recall, b.f1) == (0.5, 0.5, 0.5)
+    assert (c.precision, c.recall) == (0.5, 1.0) and c.f1 == pytest.approx(2 / 3)
+
+
+def test_report_top_k_uses_the_k_best_logits():
+    # 6 classes: k = 5. Image 0's class ranks 2nd, image 1's ranks last (6th).
+    logits = torch.tensor([[5.0, 4, 3, 2, 1, 0], [5.0, 4, 3, 2, 1, 0]])
+    report = report_from_predictions([1, 5], logits, list("abcdef"), loss=1.0)
+    assert report.top1_accuracy == 0.0
+    assert report.top5_accuracy == 0.5
+
+
+def test_report_class_never_predicted_or_absent_has_zero_precision_recall_f1():
+    report = report_from_predictions([0, 0], _logits_for([0, 0], 2), ["a", "b"], loss=0.1)
+    b = report.per_class[1]
+    assert (b.precision, b.recall, b.f1, b.support) == (0.0, 0.0, 0.0, 0)
+
+
+def test_report_of_an_empty_split_is_zeros():
+    report = report_from_predictions([], torch.zeros(0, 3), ["a", "b", "c"], loss=0.0)
+    assert report.image_count == 0 and report.top1_accuracy == 0.0
+    assert list(report.confusion_matrix) == [0] * 9 and len(report.per_class) == 3
+
+
+# -- TrainConfig ---------------------------------------------------------------------------
+
+
+def _config(request: pb.FineTuneRequest | None = None, **kwargs) -> TrainConfig:
+    request = request or pb.FineTuneRequest(backbone="resnet18")
+    args = {"num_classes": 4, "train_images_per_class": 100, "device_type": "cpu"} | kwargs
+    return TrainConfig.from_request(request, **args)
+
+
+def test_defaults_follow_the_strategy():
+    fe = _config(pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_FEATURE_EXTRACTION))
+    assert (fe.optimizer, fe.learning_rate, fe.epochs, fe.cache_features, fe.augment) == ("adamw", 1e-3, 15, True, True)
+    full = _config(pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_FULL))
+    assert (full.optimizer, full.learning_rate, full.layer_lr_decay, full.nesterov) == ("sgd", 1e-3, 0.5, True)
+    assert full.warmup_epochs == 1.0 and full.epochs == 20
+    partial = _config(pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_PARTIAL))
+    assert partial.trainable_groups == 1 and partial.learning_rate == 1e-2
+    proto = _config(pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_PROTOTYPE))
+    assert not proto.augment and proto.head_dropout == 0.0
+    auto = _config()
+    assert auto.strategy == pb.STRATEGY_AUTO
+    assert (auto.schedule, auto.stop_metric, auto.patience, auto.cached_views, auto.mixed_precision) == (
+        "cosine", "val_accuracy", 5, 4, "off")  # fp32 on the CPU
+
+
+def test_caller_values_win_over_defaults_and_survive_auto_resolution():
+    request = pb.FineTuneRequest(backbone="resnet18", seed=7)
+    request.training.learning_rate = 0.05
+    request.training.early_stopping.patience = 0  # set: early stopping off
+    resolved = _config(request).resolved(pb.STRATEGY_FULL, 5)
+    assert resolved.strategy == pb.STRATEGY_FULL and resolved.learning_rate == 0.05
+    assert resolved.optimizer == "sgd" and resolved.epochs == 20  # FULL's defaults for the rest
+    assert resolved.patience == 0 and resolved.seed == 7
+
+
+def test_default_batch_gives_a_few_steps_on_a_tiny_dataset():
+    assert _config(num_classes=3, train_images_per_class=8).batch_size == 8
+    assert _config(num_classes=10, train_images_per_class=500).batch_size == 32
+
+
+def test_to_request_round_trips_with_defaults_filled():
+    config = _config(pb.FineTuneRequest(backbone="resnet18", dataset="ds", model_name="m", strategy=pb.STRATEGY_PARTIAL))
+    request = config.to_request()
+    assert request.dataset == "ds" and request.model_name == "m"
+    assert request.training.HasField("epochs") and request.training.epochs == 15
+    again = _config(request)
+    assert dataclasses_equal_except_request(again, config)
+
+
+def dataclasses_equal_except_request(a: TrainConfig, b: TrainConfig) -> bool:
+    import dataclasses
+
+    return dataclasses.replace(a, request=b"") == dataclasses.replace(b, request=b"")
+
+
+@pytest.mark.parametrize(
+    "field, set_value",
+    [
+        ("training.epochs", lambda r: setattr(r.training, "epochs", 0)),
+        ("training.epochs", lambda r: setattr(r.training, "epochs", 1001)),
+        ("training.batch_size", lambda r: setattr(r.training, "batch_size", 5000)),
+        ("training.learning_rate", lambda r: setattr(r.training, "learning_rate", 0.0)),
+        ("training.layer_lr_decay", lambda r: setattr(r.training, "layer_lr_decay", 1.5)),
+        ("training.momentum", lambda r: setattr(r.training, "momentum", 1.0)),
+        ("training.head_dropout", lambda r: setattr(r.training, "head_dropout", 1.0)),
+        ("training.label_smoothing", lambda r: setattr(r.training, "label_smoothing", -0.1)),
+        ("training.warmup_epochs", lambda r: (setattr(r.training, "epochs", 3), setattr(r.training, "warmup_epochs", 4.0))),
+        ("training.cached_views", lambda r: setattr(r.training, "cached_views", 0)),
+        ("training.grad_clip_norm", lambda r: setattr(r.training, "grad_clip_norm", -1.0)),
+        ("training.early_stopping.min_delta", lambda r: setattr(r.training.early_stopping, "min_delta", -0.1)),
+        ("augmentation.random_crop_min_scale", lambda r: setattr(r.augmentation, "random_crop_min_scale", 0.0)),
+        ("augmentation.rotation_degrees", lambda r: setattr(r.augmentation, "rotation_degrees", 270.0)),
+        ("image_size", lambda r: setattr(r, "image_size", 8)),
+        ("strategy", lambda r: setattr(r, "strategy", 42)),
+    ],
+)
+def test_out_of_range_values_are_rejected_naming_the_field(field, set_value):
+    request = pb.FineTuneRequest(backbone="resnet18")
+    set_value(request)
+    with pytest.raises(InvalidArgument, match=f"^{field.replace('.', '[.]')} is"):
+        _config(request)
+
+
+# -- schedules -----------------------------------------------------------------------
+
+
+def test_cosine_warms_up_linearly_then_decays_to_zero():
+    factor = engine.SCHEDULES["cosine"](100, 10)
+    assert [factor(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert factor(10) == pytest.approx(1.0) and factor(55) == pytest.approx(0.5) and factor(100) == pytest.approx(0.0)
+
+
+def test_one_cycle_peaks_at_30_percent_and_constant_stays():
+    factor = engine.SCHEDULES["one_cycle"](100, 0)
+    assert factor(0) == pytest.approx(1 / 25) and factor(30) == pytest.approx(1.0)
+    assert factor(100) == pytest.approx(1 / 25 / 1e4)
+    assert engine.SCHEDULES["constant"](100, 0)(77) == 1.0
+
+
+# -- strategies ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return backbones.build("resnet18", 3, weights=backbones.WeightsChoice(kind="none"), weights_dir="/nonexistent")
+
+
+def test_discriminative_rates_decay_per_group_below_the_head(resnet):
+    groups = strategies.param_groups(resnet, learning_rate=0.1, layer_lr_decay=0.5, weight_decay=1e-4)
+    rates = {g["name"]: g["lr"] for g in groups}
+    assert rates["head"] == 0.1 and rates["layer4"] == 0.05 and rates["layer3"] == 0.025
+    assert rates["stem"] == pytest.approx(0.1 * 0.5**5)
+    # Biases and BatchNorm parameters are not decayed; conv and linear weights are.
+    assert all(g["weight_decay"] == 0.0 for g in groups if g["name"].endswith(".no_decay"))
+    assert all(p.ndim > 1 for g in groups if not g["name"].endswith(".no_decay") for p in g["params"])
+    listed = sum(p.numel() for g in groups for p in g["params"])
+    assert listed == sum(p.numel() for p in resnet.model.parameters())
+
+
+def test_trainable_groups_per_strategy_and_phase(resnet):
+    def names(strategy, epoch=0, groups=1):
+        chosen = strategies.trainable_at(strategy, resnet, epoch=epoch, trainable_groups=groups, epochs_per_phase=2)
+        return [g.name for g in chosen]
+
+    assert names(pb.STRATEGY_FEATURE_EXTRACTION) == ["head"]
+    assert names(pb.STRATEGY_PARTIAL, groups=2) == ["layer3", "layer4", "head"]
+    assert names(pb.STRATEGY_PARTIAL, groups=99) == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+    assert names(pb.STRATEGY_FULL)[0] == "stem"
+    assert names(pb.STRATEGY_PROGRESSIVE_UNFREEZING, epoch=1) == ["head"]
+    assert names(pb.STRATEGY_PROGRESSIVE_UNFREEZING, epoch=2) == ["layer4", "head"]
+    assert names(pb.STRATEGY_PROGRESSIVE_UNFREEZING, epoch=5) == ["layer3", "layer4", "head"]
+
+
+def test_prototype_weights_make_a_linear_layer_the_nearest_class_mean():
+    torch.manual_seed(0)
+    features = torch.randn(30, 8)
+    labels = torch.arange(30) % 3
+    weight, bias = strategies.prototype_weights(features, labels, 3)
+    linear = nn.Linear(8, 3)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    queries = torch.randn(50, 8)
+    means = torch.stack([features[labels == c].mean(0) for c in range(3)])
+    nearest = torch.cdist(queries, means).argmin(dim=1)
+    assert torch.equal(linear(queries).argmax(dim=1), nearest)
+    # logits = ‖x‖² − ‖x − μ_c‖² exactly.
+    expected = (queries**2).sum(1, keepdim=True) - torch.cdist(queries, means) ** 2
+    assert torch.allclose(linear(queries), expected, atol=1e-4)
+
+
+def test_probe_is_leave_one_out_nearest_mean():
+    # Two tight, far-apart clusters: LOO NCM gets all; one image alone in its class is skipped.
+    features = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.95, 0.0], [0.0, 1.0], [0.1, 0.9], [0.0, 0.95]])
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    assert strategies.probe_accuracy(features, labels, 2) == 1.0
+    assert math.isnan(strategies.probe_accuracy(features[:2], torch.tensor([0, 1]), 2))
+    # Pure noise features score around chance.
+    torch.manual_seed(1)
+    noise = strategies.probe_accuracy(torch.randn(400, 16), torch.arange(400) % 4, 4)
+    assert abs(noise - 0.25) < 0.1
+
+
+@pytest.mark.parametrize(
+    "per_class, probe, expected, groups",
+    [
+        (5, 0.9, pb.STRATEGY_PROTOTYPE, 0),
+        (1, math.nan, pb.STRATEGY_PROTOTYPE, 0),
+        (50, 0.9, pb.STRATEGY_FEATURE_EXTRACTION, 0),
+        (50, 0.4, pb.STRATEGY_PARTIAL, 2),
+        (500, 0.9, pb.STRATEGY_PARTIAL, 3),  # ceil(5 / 2)
+        (500, 0.4, pb.STRATEGY_FULL, 5),
+    ],
+)
+def test_auto_table(per_class, probe, expected, groups):
+    decision = strategies.decide(per_class, probe, num_classes=4, groups_below=5)
+    assert decision.strategy == expected and decision.trainable_groups == groups
+    assert decision.chance_accuracy == 0.25 and decision.images_per_class == per_class
+    assert f"{per_class:.1f} training images per class" in decision.reason
+
+
+def test_auto_reason_states_the_probe_numbers():
+    decision = strategies.decide(3, 0.8, num_classes=2, groups_below=4)
+    assert decision.probe_accuracy == 0.8
+    assert "0.800 against chance 0.500" in decision.reason and "prototype" in decision.reason
+
+
+# -- checkpoint ------------------------------------------------------------------------------
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    path = tmp_path / "last.pt"
+    checkpoint.save({"rng": checkpoint.rng_state()}, path)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    checkpoint.set_rng_state(checkpoint.load(path)["rng"])  # torch.load(weights_only=True)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
