@@ -29,8 +29,13 @@ from service import hardware, metrics
 from service.api.interceptors import ErrorInterceptor, ObserveInterceptor
 from service.api.servicer import ServerState, TLServeServicer
 from service.config import Settings, split_address
+from service.datasets import Datasets
 from service.errors import ConfigError
+from service.jobs.runner import JobRunner
+from service.jobs.service import JobService
 from service.store import ArtifactStore, MetadataStore
+from service.store.jobs import JobStore
+from service.store.models import ModelStore
 
 log = logging.getLogger("tlserve.server")
 
@@ -48,6 +53,7 @@ class TLServeServer:
         metrics_server: metrics.MetricsServer,
         metadata: MetadataStore,
         artifacts: ArtifactStore,
+        runner: JobRunner,
     ) -> None:
         self.settings = settings
         self.grpc_port = grpc_port
@@ -57,6 +63,7 @@ class TLServeServer:
         self._server = server
         self._health = health_servicer
         self._metrics_server = metrics_server
+        self._runner = runner
         self._stopped = False
 
     @property
@@ -69,6 +76,7 @@ class TLServeServer:
         return self._metrics_server.address
 
     async def start(self) -> None:
+        await self._runner.start()
         await self._server.start()
         for name in ("", TLSERVE_SERVICE):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -99,6 +107,8 @@ class TLServeServer:
         log.info("draining", extra={"fields": {"grace_seconds": grace}})
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
+        # Training workers stop too; their jobs resume from the last checkpoint at the next start.
+        await self._runner.stop()
         self._metrics_server.stop()
         self.metadata.close()
         log.info("stopped")
@@ -127,7 +137,19 @@ async def create_server(settings: Settings) -> TLServeServer:
     )
     start_time = timestamp_pb2.Timestamp()
     start_time.GetCurrentTime()
-    tlserve_pb2_grpc.add_TLServeServicer_to_server(TLServeServicer(ServerState(settings, start_time)), server)
+    jobs = JobStore(metadata)
+    models = ModelStore(metadata, artifacts)
+    datasets = Datasets(settings, metadata)
+    datasets.remove_leftovers()  # uploads a crash interrupted; only the server does this, never a worker
+    runner = JobRunner(settings, jobs)
+    state = ServerState(
+        settings=settings,
+        start_time=start_time,
+        datasets=datasets,
+        jobs=JobService(settings, jobs, datasets, models, artifacts, runner),
+        models=models,
+    )
+    tlserve_pb2_grpc.add_TLServeServicer_to_server(TLServeServicer(state), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", TLSERVE_SERVICE):
@@ -152,7 +174,7 @@ async def create_server(settings: Settings) -> TLServeServer:
             "(set --metrics-address or TLSERVE_METRICS_ADDRESS)"
         ) from None
     metrics.BUILD_INFO.labels(version=hardware.versions()["tlserve"], torch_version=hardware.versions()["torch"]).set(1)
-    return TLServeServer(settings, server, health_servicer, grpc_port, metrics_server, metadata, artifacts)
+    return TLServeServer(settings, server, health_servicer, grpc_port, metrics_server, metadata, artifacts, runner)
 
 
 async def serve(settings: Settings) -> None:

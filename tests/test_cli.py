@@ -56,11 +56,9 @@ def test_info_names_the_devices(live_server):
 @pytest.mark.parametrize(
     "args",
     [
-        ("finetune", "--dataset", "d", "--model-name", "m", "--backbone", "resnet18"),
-        ("jobs",),
-        ("models",),
         ("predict", "m", __file__),
         ("export", "m"),
+        ("report", "m"),
     ],
     ids=lambda a: a[0],
 )
@@ -94,8 +92,8 @@ def test_client_returns_proto_messages_and_raises_one_error_type(client):
     assert isinstance(response, tlclient.pb.ListBackbonesResponse)
     with pytest.raises(tlclient.TLServeError) as e:
         client.get_model("flowers:2")
-    assert e.value.code == grpc.StatusCode.UNIMPLEMENTED
-    assert str(e.value).startswith("UNIMPLEMENTED: GetModel is not available")
+    assert e.value.code == grpc.StatusCode.NOT_FOUND
+    assert str(e.value).startswith("NOT_FOUND: model 'flowers' version 2 does not exist")
 
 
 def test_async_client_works_the_same(live_server):
@@ -117,3 +115,26 @@ def test_serve_help_lists_every_setting():
     assert result.returncode == 0
     for flag in ("--home", "--grpc-address", "--metrics-address", "TLSERVE_HOME"):
         assert flag in result.stdout
+
+
+def test_upload_finetune_watch_and_list_from_the_command_line(live_server, tmp_path):
+    from service.training.synthetic import TARGET_SHAPES, write_image_folder
+
+    folder = write_image_folder(tmp_path / "shapes", TARGET_SHAPES[:2], 6, size=32, seed=5)
+    address = ("--address", live_server.address)
+    upload = tlserve(*address, "datasets", "upload", str(folder), "--name", "cli-shapes")
+    assert upload.returncode == 0, upload.stderr
+    assert "cli-shapes" in upload.stdout
+    run = tlserve(
+        *address, "finetune", "--dataset", "cli-shapes", "--model-name", "cli-model", "--backbone",
+        "mobilenet_v3_small", "--weights", "none", "--strategy", "feature_extraction", "--epochs", "1",
+        "--image-size", "32", "--watch", timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "SUCCEEDED" in run.stdout + run.stderr
+    models = tlserve(*address, "--json", "models")
+    assert models.returncode == 0, models.stderr
+    (model,) = [m for m in json.loads(models.stdout)["models"] if m["name"] == "cli-model"]
+    assert model["backbone"] == "mobilenet_v3_small" and model["version"] == 1
+    jobs = tlserve(*address, "jobs")
+    assert jobs.returncode == 0 and "SUCCEEDED" in jobs.stdout.upper()
