@@ -264,3 +264,29 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     checkpoint.set_rng_state(checkpoint.load(path)["rng"])  # torch.load(weights_only=True)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary left behind
+
+
+def test_training_from_scratch_uses_one_rate_for_every_layer():
+    from client.tlserve.v1 import tlserve_pb2 as pb
+    from service.training.config import TrainConfig
+
+    scratch = pb.WeightsSource(scratch=pb.WeightsSource.Scratch())
+    kw = dict(num_classes=3, train_images_per_class=10, device_type="cpu")
+    cfg = TrainConfig.from_request(pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_FULL, weights=scratch), **kw)
+    assert cfg.from_scratch and (cfg.optimizer, cfg.layer_lr_decay, cfg.epochs) == ("adamw", 1.0, 30)
+    pretrained = TrainConfig.from_request(pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_FULL), **kw)
+    assert not pretrained.from_scratch and (pretrained.optimizer, pretrained.layer_lr_decay) == ("sgd", 0.5)
+    # Feature extraction keeps its own defaults: only the head trains anyway.
+    fe = TrainConfig.from_request(
+        pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_FEATURE_EXTRACTION, weights=scratch), **kw
+    )
+    assert fe.epochs == 15
+
+
+def test_auto_from_scratch_trains_everything_without_probing():
+    from client.tlserve.v1 import tlserve_pb2 as pb
+    from service.training import strategies
+
+    decision = strategies.from_scratch(12.0, 4, 5)
+    assert decision.strategy == pb.STRATEGY_FULL and decision.trainable_groups == 5
+    assert "scratch" in decision.reason and decision.chance_accuracy == 0.25

@@ -184,7 +184,8 @@ class JobRunner:
         if self._loop_task is not None:
             await self._loop_task
         for job_id, process in list(self._active.items()):
-            log.info("stopping worker; the job resumes at the next start", extra={"fields": {"job_id": job_id}})
+            # A worker may be finishing a job that already ended; only unfinished jobs resume.
+            log.info("stopping worker", extra={"fields": {"job_id": job_id}})
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGTERM)
         if self._active:

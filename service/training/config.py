@@ -20,7 +20,12 @@ Defaults per strategy (a field the caller set always wins):
 | PROGRESSIVE (3/phase) | AdamW     | 1e-3  | 0.5         | 1e-4         | 15     | 0      | on      |
 | PROTOTYPE             | (none)    | -     | -           | -            | 1      | 0      | off     |
 
-(* one warmup epoch when there are at least 5 epochs, else none.) FULL's 1e-3 is the
+(* one warmup epoch when there are at least 5 epochs, else none.)
+
+From scratch (`weights: scratch`) there is nothing pretrained to protect, so a
+strategy that trains the backbone takes `SCRATCH` instead: AdamW at 1e-3 for
+every layer (no layer decay), 30 epochs, one warmup epoch, dropout 0.1; and AUTO
+picks FULL without probing. FULL's 1e-3 is the
 head's rate; with decay 0.5 per group the convolutional stages get 5e-4 down to
 about 1e-5, the "small learning rate" of full fine-tuning. Everywhere: cosine
 schedule, label smoothing 0.1, head dropout 0.2 (0 for PROTOTYPE), no gradient
@@ -89,6 +94,8 @@ DEFAULTS: dict[int, StrategyDefaults] = {
     # AUTO until the engine resolves it; these only make the config complete.
     S.STRATEGY_AUTO: StrategyDefaults("adamw", 1e-3, 0.5, 15, False, True, 0.2),
 }
+SCRATCH = StrategyDefaults("adamw", 1e-3, 1.0, 30, True, True, 0.1)
+TRAINS_BACKBONE = frozenset({S.STRATEGY_PARTIAL, S.STRATEGY_FULL, S.STRATEGY_PROGRESSIVE_UNFREEZING})
 EPOCHS_PER_PHASE = 3
 CACHED_VIEWS = 4
 PATIENCE = 5
@@ -157,6 +164,11 @@ class TrainConfig:
     def strategy_name(self) -> str:
         return STRATEGIES[self.strategy]
 
+    @property
+    def from_scratch(self) -> bool:
+        """Random initial weights: nothing pretrained to keep or to probe."""
+        return self.source_request().weights.WhichOneof("source") == "scratch"
+
     # -- proto -> config ------------------------------------------------------
 
     @classmethod
@@ -167,7 +179,8 @@ class TrainConfig:
         t, a = request.training, request.augmentation
         _check(request.strategy in STRATEGIES or request.strategy == S.STRATEGY_UNSPECIFIED, "strategy", request.strategy, "a Strategy value")
         strategy = request.strategy or S.STRATEGY_AUTO
-        d = DEFAULTS[strategy]
+        from_scratch = request.weights.WhichOneof("source") == "scratch"
+        d = SCRATCH if from_scratch and strategy in TRAINS_BACKBONE else DEFAULTS[strategy]
 
         def opt(message, field: str, default):
             return getattr(message, field) if message.HasField(field) else default

@@ -643,6 +643,8 @@ def decide_strategy(job: _Job) -> pb.StrategyDecision:
             S.STRATEGY_PROGRESSIVE_UNFREEZING: min((config.epochs - 1) // config.epochs_per_phase, below),
         }.get(config.strategy, 0)
         return strategies.requested(config.strategy, images_per_class, num_classes, groups)
+    if config.from_scratch:
+        return strategies.from_scratch(images_per_class, num_classes, below)
     job.progress.phase(pb.JOB_PHASE_CACHING_FEATURES, "probing frozen features to choose a strategy")
     labels = [label for _, label in job.train_eval_set.samples]
     subset = strategies.probe_subset(labels, num_classes, config.seed)

@@ -278,3 +278,17 @@ def requested(strategy: int, images_per_class: float, num_classes: int, trainabl
         chance_accuracy=1.0 / num_classes,
         trainable_groups=trainable_groups,
     )
+
+
+def from_scratch(images_per_class: float, num_classes: int, groups_below: int) -> pb.StrategyDecision:
+    """AUTO with random initial weights: there are no features to keep or to probe."""
+    return pb.StrategyDecision(
+        strategy=S.STRATEGY_FULL,
+        reason=(
+            f"{images_per_class:.1f} training images per class and random initial weights (weights: scratch): "
+            "nothing pretrained to keep or to probe, so every layer trains (full)."
+        ),
+        images_per_class=images_per_class,
+        chance_accuracy=1.0 / num_classes,
+        trainable_groups=groups_below,
+    )
