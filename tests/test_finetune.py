@@ -294,3 +294,12 @@ def _alive(pid: int) -> bool:
             return f.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_two_devices_run_under_torchrun_and_publish_one_model(tl, dataset):
+    # On this CPU-only machine each device is a gloo process; the engine's own
+    # test (test_training_ddp.py) checks that 2 processes match 1.
+    job = wait_for(tl, tl.fine_tune(tiny_request(dataset.id, "ddp", epochs=1, devices=2)).id)
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+    model = tl.get_model("ddp")
+    assert model.lineage.hyperparameters.devices == 2 and model.version == 1

@@ -290,3 +290,20 @@ def test_auto_from_scratch_trains_everything_without_probing():
     decision = strategies.from_scratch(12.0, 4, 5)
     assert decision.strategy == pb.STRATEGY_FULL and decision.trainable_groups == 5
     assert "scratch" in decision.reason and decision.chance_accuracy == 0.25
+
+
+def test_a_last_batch_of_one_image_is_dropped_only_when_it_would_occur():
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from service.training.data import make_loader
+
+    cpu = torch.device("cpu")
+    nine = TensorDataset(torch.arange(9))
+    assert [len(b[0]) for b in make_loader(nine, 4, shuffle=True, device=cpu)] == [4, 4]
+    assert [len(b[0]) for b in make_loader(nine, 4, shuffle=False, device=cpu)] == [4, 4, 1]  # evaluation sees all
+    ten = TensorDataset(torch.arange(10))
+    assert [len(b[0]) for b in make_loader(ten, 4, shuffle=True, device=cpu)] == [4, 4, 2]
+    # Two processes, 9 images: shards of 5 with batch 4 would end in a batch of 1.
+    shard = make_loader(nine, 4, shuffle=True, device=cpu, rank=1, world_size=2)
+    assert [len(b[0]) for b in shard] == [4]

@@ -17,6 +17,7 @@ among the processes of a distributed job on the same machine.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -152,11 +153,16 @@ def make_loader(
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
         shuffle = False
     workers = worker_count(len(dataset), local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+    # A last batch of one image breaks BatchNorm layers that train ("Expected more
+    # than 1 value per channel"); drop it, and only it, when it would occur.
+    per_process = math.ceil(len(dataset) / world_size)
+    drop_last = (shuffle or sampler is not None) and per_process > batch_size and per_process % batch_size == 1
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         sampler=sampler,
+        drop_last=drop_last,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         worker_init_fn=_seed_worker,
