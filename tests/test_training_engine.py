@@ -267,3 +267,14 @@ def test_checkpoint_holds_everything_a_resume_needs(shapes, tmp_path):
             "history", "rng", "decision", "fingerprint"} <= set(saved)
     assert saved["history"][0]["epoch"] == 1 and saved["optimizer"]["param_groups"][0]["name"] == "head"
     assert strategies.STRATEGY_WORDS[pb.STRATEGY_FULL] in pb.StrategyDecision.FromString(saved["decision"]).reason
+
+
+def test_checkpoints_hold_only_what_training_can_change(shapes, tmp_path):
+    # A frozen backbone never changes: the checkpoint and the best-epoch copy keep the
+    # head, and a resume rebuilds the rest from the same starting weights.
+    run(config_for(pb.STRATEGY_FEATURE_EXTRACTION, epochs=1), shapes, tmp_path, name="fe")
+    saved = checkpoint.load(tmp_path / "fe" / "last.pt")
+    assert set(saved["model"]) == set(saved["best_state"]) == {"head.1.weight", "head.1.bias"}
+    run(config_for(pb.STRATEGY_FULL, epochs=1), shapes, tmp_path, name="full")
+    full = checkpoint.load(tmp_path / "full" / "last.pt")
+    assert any(k.startswith("trunk.") and k.endswith("running_mean") for k in full["model"])

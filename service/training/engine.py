@@ -693,8 +693,9 @@ def train(job: _Job, decision, state: dict | None, ckpt_path: Path, fingerprint:
     # The loop's memory: what a checkpoint saves and a resume restores.
     start_epoch, best_metric, best_epoch, bad_epochs = 0, None, 0, 0
     best_state, history = None, []
+    changing = _changing_keys(job)
     if state is not None:
-        built.model.load_state_dict(state["model"])
+        _load_changing(built.model, state["model"])
         job.optimizer.load_state_dict(state["optimizer"])
         job.scheduler.load_state_dict(state["scheduler"])
         job.scaler.load_state_dict(state["scaler"])
@@ -753,7 +754,7 @@ def train(job: _Job, decision, state: dict | None, ckpt_path: Path, fingerprint:
         has_val = len(job.val_loader.dataset) > 0
         if not has_val or best_metric is None or sign * (metric - best_metric) > config.min_delta:
             best_metric, best_epoch, bad_epochs = metric, epoch + 1, 0
-            best_state = _cpu_copy(built.model.state_dict())
+            best_state = _changing_state(built.model, changing)
         else:
             bad_epochs += 1
         stop = has_val and config.patience > 0 and bad_epochs >= config.patience
@@ -770,7 +771,7 @@ def train(job: _Job, decision, state: dict | None, ckpt_path: Path, fingerprint:
                     "decision": decision.SerializeToString(),
                     "epoch": epoch + 1,
                     "step": job.step,
-                    "model": _cpu_copy(built.model.state_dict()),
+                    "model": _changing_state(built.model, changing),
                     "optimizer": job.optimizer.state_dict(),
                     "scheduler": job.scheduler.state_dict(),
                     "scaler": job.scaler.state_dict(),
@@ -825,6 +826,40 @@ def _cpu_copy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
 
 
+def _changing_keys(job: _Job) -> frozenset[str]:
+    """State-dict keys this run's training can change: the parameters of every group
+    trainable at the last epoch (unfreezing only ever adds groups) and the buffers of
+    the modules that own them (BatchNorm statistics). Everything else keeps its
+    starting value, which a resumed run rebuilds from the same weights and seed, so
+    checkpoints and the best-epoch copy hold only these keys: with a frozen backbone
+    that is the head alone, and saving it costs microseconds, not a whole model."""
+    config = job.config
+    last = strategies.trainable_at(
+        config.strategy, job.built, epoch=config.epochs - 1, trainable_groups=config.trainable_groups,
+        epochs_per_phase=config.epochs_per_phase,
+    )
+    params = {id(p) for group in last for p in group.parameters()}
+    keys: set[str] = set()
+    for name, module in job.built.model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if any(id(p) in params for _, p in own):
+            prefix = f"{name}." if name else ""
+            keys.update(prefix + n for n, _ in own)
+            keys.update(prefix + n for n, _ in module.named_buffers(recurse=False))
+    return frozenset(keys)
+
+
+def _changing_state(model: nn.Module, keys: frozenset[str]) -> dict[str, torch.Tensor]:
+    return _cpu_copy({k: v for k, v in model.state_dict().items() if k in keys})
+
+
+def _load_changing(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Loads a `_changing_state` over the starting weights; any key it has must exist."""
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"checkpoint keys the model does not have: {unexpected[:5]}")
+
+
 # -- stage: finish -----------------------------------------------------------------------
 
 
@@ -832,7 +867,7 @@ def finish(job: _Job, decision, *, best_state, best_epoch: int, epochs_run: int)
     """The best weights, evaluated on val and test (rank 0 only)."""
     built = job.built
     if best_state is not None:
-        built.model.load_state_dict(best_state)
+        _load_changing(built.model, best_state)
     if not job.procs.main:
         return None
     job.progress.phase(pb.JOB_PHASE_EVALUATING, f"evaluating the best epoch ({best_epoch}) on val and test", epoch=epochs_run)
