@@ -27,6 +27,8 @@ import sys
 import time
 import urllib.request
 
+from service.training.synthetic import SOURCE_SHAPES, TARGET_SHAPES, write_image_folder
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The demo's own home, made anew each run so the demo can run again and again.
 HOME = pathlib.Path(os.environ.get("TLSERVE_HOME", ROOT / "var")) / "demo"
@@ -75,8 +77,6 @@ def cli_json(address: str, *args: str) -> dict:
 
 
 def make_datasets() -> tuple[pathlib.Path, pathlib.Path]:
-    from service.training.synthetic import SOURCE_SHAPES, TARGET_SHAPES, write_image_folder
-
     shutil.rmtree(DATA, ignore_errors=True)
     source = write_image_folder(DATA / "source", SOURCE_SHAPES, 0, size=48, seed=1, splits=SOURCE_SPLITS)
     target = write_image_folder(DATA / "target", TARGET_SHAPES, 0, size=48, seed=2, splits=TARGET_SPLITS)
@@ -139,12 +139,18 @@ def main() -> None:
         finetune(address, "shapes-target", "target-transfer", "model:shapes-source", "auto", 10)
         banner("the same target task from scratch, for comparison")
         finetune(address, "shapes-target", "target-scratch", "none", "full", 10)
-        banner("few-shot target task: test accuracy")
+        banner("test accuracy")
+        source_accuracy, _ = test_accuracy(address, "shapes-source")
         transfer, strategy = test_accuracy(address, "target-transfer")
         scratch, _ = test_accuracy(address, "target-scratch")
-        print(f"{'transfer from the source model':<34} {transfer:7.1%}   ({strategy})")
-        print(f"{'from scratch':<34} {scratch:7.1%}")
-        print(f"{'difference':<34} {100 * (transfer - scratch):+6.1f} points")
+        print(f"source task, {len(SOURCE_SHAPES)} shapes, from scratch: {source_accuracy:6.1%}  (chance {1 / len(SOURCE_SHAPES):.1%})")
+        print(f"few-shot target task, {len(TARGET_SHAPES)} shapes, {TARGET_SPLITS['train']} training images each:")
+        print(f"  {'transfer from the source model':<32} {transfer:6.1%}  ({strategy})")
+        print(f"  {'from scratch':<32} {scratch:6.1%}")
+        print(f"  {'chance':<32} {1 / len(TARGET_SHAPES):6.1%}")
+        print(f"  {'transfer minus scratch':<32} {100 * (transfer - scratch):+5.1f} points")
+        print("(A source model trained for seconds on a CPU is a weak start; with ImageNet weights in the\n"
+              " weights cache, `--weights DEFAULT` is the usual starting point.)")
         banner("what did those calls cost? (Prometheus)")
         show_metrics(ready["metrics_address"])
     finally:
