@@ -69,6 +69,7 @@ from PIL import Image
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service.config import Settings
 from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from service.store import paging
 from service.manifest import SPLITS, Manifest
 from service.store.metadata import MetadataStore
 
@@ -80,7 +81,6 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 # also try formats such as EPS, whose load() runs Ghostscript.
 _PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 DEFAULT_FRACTION = 0.15
-DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 1000
 WARNINGS_PER_KIND = 100
 # Image formats are compressed already, so a real image archive unpacks to about its
 # own size; 4x leaves room for BMPs and still refuses a bomb long before the disk fills.
@@ -1056,9 +1056,7 @@ class Datasets:
     def list(self, page_size: int, page_token: str) -> tuple[list[pb.Dataset], str]:
         """Newest first. The token is the (create_time, id) of the last row sent, so
         pages neither skip nor repeat when datasets are added in between."""
-        if page_size < 0:
-            raise InvalidArgument(f"page_size must be >= 0 (0: {DEFAULT_PAGE_SIZE}), got {page_size}")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        size = paging.page_size(page_size)
         if page_token:
             try:
                 after_time, after_id = json.loads(base64.urlsafe_b64decode(page_token.encode()))

@@ -37,3 +37,15 @@ def client(live_server):
 
     with tlclient.Client(live_server.address, timeout=30) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Training tests in one thread: steadier on a shared 2-core machine, and the
+    same numbers from run to run."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

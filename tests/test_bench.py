@@ -17,13 +17,7 @@ from service.training.synthetic import TARGET_SHAPES
 TINY = dataclasses.replace(finetune.SETTINGS["quick"], image_size=32, val=2, test=2)
 CPU = torch.device("cpu")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,7 @@ from service.training.selfcheck import synthetic_manifest
 NONE = backbones.WeightsChoice(kind="none")
 CHANCE = 1 / 3
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
