@@ -8,7 +8,6 @@ job minutes later) and in the worker, which then also loads the tensors.
 
 from __future__ import annotations
 
-import io
 import pathlib
 
 import torch
@@ -70,7 +69,7 @@ def weights_choice(
         return backbones.WeightsChoice(kind="tlserve"), ref
     try:
         path = artifacts.path(models.artifact_path(name, version, PYTORCH_VARIANT))
-        state_dict = torch.load(io.BytesIO(path.read_bytes()), weights_only=True, map_location="cpu")
+        state_dict = torch.load(path, weights_only=True, map_location="cpu")
     except (OSError, NotFound) as e:
         raise FailedPrecondition(f"the weights of model {name}:{version} can't be read: {e}") from None
     preprocessing = backbones.Preprocessing.from_proto(parent.preprocessing)
