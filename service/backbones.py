@@ -1004,6 +1004,32 @@ def build(
     )
 
 
+def rebuild(
+    name: str,
+    num_classes: int,
+    preprocessing: Preprocessing,
+    state_dict: Mapping[str, torch.Tensor],
+) -> BuiltModel:
+    """A published tlserve model back from its state dict, in eval mode on the CPU.
+
+    The architecture is built for the model's own input size with no starting
+    weights, then every key of `state_dict` must fit (strict load); the model's
+    stored preprocessing is kept as is. Used by export and by the PyTorch runtime."""
+    built = build(
+        name, num_classes, weights=WeightsChoice(kind="none"), weights_dir=".",
+        image_size=preprocessing.crop_size,
+    )
+    built.model.load_state_dict(state_dict)
+    built.model.eval()
+    return dataclasses.replace(built, preprocessing=preprocessing)
+
+
+def load_published(path: os.PathLike | str, name: str, num_classes: int, preprocessing: Preprocessing) -> BuiltModel:
+    """`rebuild` from a model.pt file, read with torch.load(weights_only=True)."""
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    return rebuild(name, num_classes, preprocessing, state_dict)
+
+
 def trainable_groups(built: BuiltModel, n_top: int) -> list[LayerGroup]:
     """The groups a strategy trains when it unfreezes the top `n_top` groups below the
     head: those and the head, bottom → top. 0 is feature extraction (the head alone);

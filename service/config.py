@@ -38,6 +38,13 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"must be >= 0, got {number}")
+    return number
+
+
 def _non_negative_float(value: str) -> float:
     number = float(value)
     if number < 0:
@@ -97,6 +104,22 @@ class Settings:
     )
     grace_seconds: float = _setting(
         10.0, "on SIGTERM/SIGINT, seconds in-flight calls get to finish", _non_negative_float
+    )
+    inference_threads: int = _setting(
+        0, "ONNX Runtime intra-op threads per loaded model (0: ONNX Runtime's default, one per physical core)",
+        _non_negative_int,
+    )
+    model_cache_bytes: int = _setting(
+        2 * 1024 * MiB, "memory budget for models loaded for prediction; the least recently used are unloaded",
+        _positive_int,
+    )
+    max_batch_size: int = _setting(32, "most images one dynamic batch of a model holds", _positive_int)
+    batch_delay_seconds: float = _setting(
+        0.002, "how long a prediction waits for others to batch with (0: batch only what is already queued)",
+        _non_negative_float,
+    )
+    max_queue_size: int = _setting(
+        256, "predict requests waiting per model; beyond it Predict answers RESOURCE_EXHAUSTED", _positive_int
     )
     log_level: str = _setting("info", "debug, info, warning or error", _choice("debug", "info", "warning", "error"))
     log_format: str = _setting("json", "json (one object per line) or text", _choice("json", "text"))

@@ -34,6 +34,11 @@ class ResourceExhausted(TLServeError):
     """A queue, size or memory limit was reached."""
 
 
+class DeadlineExceeded(TLServeError):
+    """The caller's deadline passed before the work could be done (for example while
+    a prediction waited in its model's queue); the work was dropped, not done late."""
+
+
 class Unavailable(TLServeError):
     """The server is shutting down or a dependency is unavailable; retry later."""
 

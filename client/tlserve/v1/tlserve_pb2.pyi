@@ -749,7 +749,7 @@ class ParityReport(_message.Message):
     def __init__(self, images_compared: _Optional[int] = ..., max_abs_logit_diff: _Optional[float] = ..., top1_agreement: _Optional[float] = ...) -> None: ...
 
 class ModelArtifact(_message.Message):
-    __slots__ = ("model", "format", "precision", "input_format", "size_bytes", "sha256", "opset", "inputs", "outputs", "has_embedding", "parity", "test_top1_accuracy", "accuracy_delta_points", "create_time")
+    __slots__ = ("model", "format", "precision", "input_format", "size_bytes", "sha256", "opset", "inputs", "outputs", "has_embedding", "parity", "test_top1_accuracy", "accuracy_delta_points", "create_time", "class_names", "preprocessing")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
@@ -764,6 +764,8 @@ class ModelArtifact(_message.Message):
     TEST_TOP1_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_DELTA_POINTS_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     format: ArtifactFormat
     precision: Precision
@@ -778,7 +780,9 @@ class ModelArtifact(_message.Message):
     test_top1_accuracy: float
     accuracy_delta_points: float
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., format: _Optional[_Union[ArtifactFormat, str]] = ..., precision: _Optional[_Union[Precision, str]] = ..., input_format: _Optional[_Union[InputFormat, str]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., opset: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., has_embedding: _Optional[bool] = ..., parity: _Optional[_Union[ParityReport, _Mapping]] = ..., test_top1_accuracy: _Optional[float] = ..., accuracy_delta_points: _Optional[float] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    preprocessing: Preprocessing
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., format: _Optional[_Union[ArtifactFormat, str]] = ..., precision: _Optional[_Union[Precision, str]] = ..., input_format: _Optional[_Union[InputFormat, str]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., opset: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., has_embedding: _Optional[bool] = ..., parity: _Optional[_Union[ParityReport, _Mapping]] = ..., test_top1_accuracy: _Optional[float] = ..., accuracy_delta_points: _Optional[float] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ...) -> None: ...
 
 class Model(_message.Message):
     __slots__ = ("name", "version", "create_time", "backbone", "class_names", "preprocessing", "lineage", "job_id", "val_metrics", "test_metrics", "decision", "parameter_count", "gflops", "artifacts", "labels")
