@@ -1,0 +1,195 @@
+"""tlserve through the KServe v2 / Triton protocol, called with tritonclient itself,
+as a Triton user (or perf_analyzer) would: health, metadata, configuration,
+inference that agrees with tlserve's own Predict, statistics, and the status
+codes of the usual mistakes.
+
+The server's home is made by `tests/modelfactory.published_model` (model "shapes"
+v1, resnet18 at 32 px, three classes); the module exports its FP32 ONNX variant
+with the embedding output once, through tlserve's own API.
+
+tritonclient's protos are loaded into a private descriptor pool
+(`tritonclient_grpc`): they and tlserve's stubs both define package `inference`.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+import client as tlclient
+from client.tlserve.v1 import tlserve_pb2 as pb
+from tests.modelfactory import published_model
+from tests.serverproc import ServerProcess
+from tests.test_kserve_unit import tritonclient_grpc
+
+tc = tritonclient_grpc()
+from tritonclient.utils import InferenceServerException  # noqa: E402  (after tritonclient.grpc's private pool)
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def exported_server(tmp_path_factory):
+    """A server whose model "shapes" v1 has an FP32 ONNX export with the embedding."""
+    home = tmp_path_factory.mktemp("kserve") / "home"
+    settings, _ = published_model(home)
+    server = ServerProcess(home, "--data-root", str(settings.data_root)).start()
+    try:
+        with tlclient.Client(server.address, timeout=300) as tl:
+            tl.export_model("shapes", precision="fp32", include_embedding=True)
+    except BaseException:
+        server.kill()
+        raise
+    yield server
+    assert server.terminate() == 0, server.log()
+
+
+@pytest.fixture(scope="module")
+def triton(exported_server):
+    client = tc.InferenceServerClient(exported_server.address)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def tl(exported_server):
+    with tlclient.Client(exported_server.address, timeout=120) as c:
+        yield c
+
+
+def prepared(batch: int, seed: int = 0) -> np.ndarray:
+    """Normalised float32 images, (N, 3, S, S): what the FP32 export takes."""
+    return np.random.default_rng(seed).standard_normal((batch, 3, SIZE, SIZE), dtype=np.float32)
+
+
+def fp32_input(x: np.ndarray):
+    tensor = tc.InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return tensor
+
+
+def status_of(error: pytest.ExceptionInfo) -> str:
+    return error.value.status()
+
+
+def test_server_is_live_ready_and_says_what_it_serves(triton):
+    assert triton.is_server_live()
+    assert triton.is_server_ready()
+    metadata = triton.get_server_metadata(as_json=True)
+    assert metadata["name"] == "tlserve" and metadata["version"]
+    assert {"model_configuration", "statistics"} <= set(metadata["extensions"])
+
+
+def test_model_ready_loads_the_export_and_is_false_for_what_is_not_there(triton):
+    assert triton.is_model_ready("shapes")
+    assert triton.is_model_ready("shapes", "1")
+    assert not triton.is_model_ready("shapes@int8")  # not exported
+    assert not triton.is_model_ready("shapes", "2")
+    assert not triton.is_model_ready("no-such-model")
+
+
+def test_model_metadata_and_config_describe_the_fp32_export(triton):
+    metadata = triton.get_model_metadata("shapes", as_json=True)
+    assert metadata["platform"] == "onnxruntime_onnx" and metadata["versions"] == ["1"]
+    assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": ["-1", "3", str(SIZE), str(SIZE)]}]
+    outputs = {o["name"]: o for o in metadata["outputs"]}
+    assert outputs["logits"]["shape"] == ["-1", "3"] and outputs["embedding"]["datatype"] == "FP32"
+
+    config = triton.get_model_config("shapes", as_json=True)["config"]
+    assert config["platform"] == "onnxruntime_onnx" and config["backend"] == "onnxruntime"
+    assert config["max_batch_size"] > 0
+    assert config["input"] == [
+        {"name": "input", "data_type": "TYPE_FP32", "format": "FORMAT_NCHW", "dims": ["3", str(SIZE), str(SIZE)]}
+    ]
+    assert "dynamic_batching" in config
+
+
+def test_infer_agrees_with_tlserves_own_predict(triton, tl):
+    x = prepared(2)
+    result = triton.infer(
+        "shapes", [fp32_input(x)], request_id="k-1",
+        outputs=[tc.InferRequestedOutput("logits"), tc.InferRequestedOutput("embedding")],
+    )
+    logits = result.as_numpy("logits")
+    assert logits.shape == (2, 3) and logits.dtype == np.float32
+    assert result.as_numpy("embedding").shape[0] == 2
+    assert result.get_response().id == "k-1" and result.get_response().model_version == "1"
+
+    images = [
+        pb.ImageInput(tensor=pb.Tensor(shape=[3, SIZE, SIZE], dtype=pb.DATA_TYPE_FLOAT32, data=image.tobytes()))
+        for image in x
+    ]
+    response = tl.predict("shapes", images, return_logits=True, top_k=1)
+    expected = np.array([list(p.logits) for p in response.predictions], np.float32)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+    top1 = triton.infer("shapes", [fp32_input(x)], outputs=[tc.InferRequestedOutput("logits", class_count=1)])
+    labels = [item.decode().split(":")[2] for item in top1.as_numpy("logits").ravel()]
+    assert labels == [p.top_k[0].label for p in response.predictions]
+
+
+def test_statistics_count_the_images_inferred(triton):
+    triton.infer("shapes", [fp32_input(prepared(1))])  # loaded and counted at least once
+
+    def stats():
+        (entry,) = triton.get_inference_statistics("shapes", "1", as_json=True)["model_stats"]
+        return entry
+
+    before = stats()
+    for seed in range(3):
+        triton.infer("shapes", [fp32_input(prepared(2, seed))])
+    after = stats()
+    assert (after["name"], after["version"]) == ("shapes", "1")
+    assert int(after["inference_count"]) - int(before["inference_count"]) == 6
+    assert 1 <= int(after["execution_count"]) - int(before["execution_count"]) <= 3
+    successes = int(after["inference_stats"]["success"]["count"]) - int(before["inference_stats"]["success"]["count"])
+    assert successes >= 3
+    assert abs(int(after["last_inference"]) - time.time() * 1000) < 60_000
+    assert any(m["name"] == "shapes" for m in triton.get_inference_statistics(as_json=True)["model_stats"])
+
+
+@pytest.mark.parametrize(
+    "model, tensor, status, words",
+    [
+        ("no-such-model", fp32_input(prepared(1)), grpc.StatusCode.NOT_FOUND, "no-such-model"),
+        ("shapes", fp32_input(np.zeros((1, 3, 16, 16), np.float32)), grpc.StatusCode.INVALID_ARGUMENT,
+         f"[-1, 3, {SIZE}, {SIZE}]"),
+        ("shapes@int8", fp32_input(prepared(1)), grpc.StatusCode.FAILED_PRECONDITION, "int8"),
+        ("shapes@fp64", fp32_input(prepared(1)), grpc.StatusCode.INVALID_ARGUMENT, "@fp16, @int8, @pytorch"),
+    ],
+    ids=["unknown-model", "wrong-shape", "int8-not-exported", "unknown-variant"],
+)
+def test_mistakes_get_their_status_codes(triton, model, tensor, status, words):
+    with pytest.raises(InferenceServerException) as e:
+        triton.infer(model, [tensor])
+    assert status_of(e) == str(status)
+    assert words.lower() in e.value.message().lower()
+
+
+def test_uint8_data_for_the_fp32_export_is_refused_with_the_expected_spec(triton):
+    tensor = tc.InferInput("input", [1, SIZE, SIZE, 3], "UINT8")
+    tensor.set_data_from_numpy(np.zeros((1, SIZE, SIZE, 3), np.uint8))
+    with pytest.raises(InferenceServerException) as e:
+        triton.infer("shapes", [tensor])
+    assert status_of(e) == str(grpc.StatusCode.INVALID_ARGUMENT)
+    assert f"'input' FP32 [-1, 3, {SIZE}, {SIZE}]" in e.value.message()
+
+
+def test_stream_infer_answers_each_request_and_reports_a_bad_one_without_ending(triton):
+    replies: queue.Queue = queue.Queue()
+    triton.start_stream(callback=lambda result, error: replies.put((result, error)))
+    try:
+        triton.async_stream_infer("shapes", [fp32_input(prepared(1))], request_id="s-1")
+        triton.async_stream_infer("no-such-model", [fp32_input(prepared(1))], request_id="s-2")
+        triton.async_stream_infer("shapes", [fp32_input(prepared(3))], request_id="s-3")
+        got = [replies.get(timeout=60) for _ in range(3)]
+    finally:
+        triton.stop_stream()
+    (ok1, e1), (_, e2), (ok3, e3) = got
+    assert e1 is None and ok1.get_response().id == "s-1" and ok1.as_numpy("logits").shape == (1, 3)
+    assert e2 is not None and "no-such-model" in e2.message()
+    assert e3 is None and ok3.as_numpy("logits").shape == (3, 3)
