@@ -1,0 +1,217 @@
+"""Sessions: a loaded model that maps one input batch to named outputs.
+
+Two kinds, one interface (`input`, `outputs`, `run(x) -> {"logits", "embedding"?}`,
+`close()`), both safe to call from several threads at once:
+
+- `OnnxSession`: an ONNX Runtime InferenceSession on the providers that can run
+  here (`hardware.onnxruntime_providers()`: TensorRT → CUDA → CPU), graph
+  optimisation ALL, intra-op threads from `inference_threads` (0: ORT's default,
+  one per physical core). Inputs and outputs are converted to and from float16 for
+  a graph that takes or gives float16.
+- `TorchSession`: a published PyTorch state dict (`backbones.load_published`) for
+  models not exported yet; FP32, under `torch.inference_mode`, on the GPU if there is one.
+
+`warm_up(session, max_batch_size)` runs batch 1 and the largest batch once, so the
+first requests do not pay for memory arenas, kernel selection or TensorRT engines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from client.tlserve.v1 import tlserve_pb2 as pb
+from service import hardware
+
+_ORT_DTYPES = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(int64)": np.dtype(np.int64),
+}
+
+# What a KServe / proto client calls each numpy dtype.
+PROTO_DTYPES = {
+    np.dtype(np.uint8): pb.DATA_TYPE_UINT8,
+    np.dtype(np.float16): pb.DATA_TYPE_FLOAT16,
+    np.dtype(np.float32): pb.DATA_TYPE_FLOAT32,
+    np.dtype(np.int64): pb.DATA_TYPE_INT64,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """A model input or output: name, numpy dtype, shape with -1 for a dynamic axis."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    def to_proto(self) -> pb.TensorSpec:
+        return pb.TensorSpec(name=self.name, dtype=PROTO_DTYPES.get(self.dtype, 0), shape=self.shape)
+
+
+class Session(Protocol):
+    input: TensorInfo
+    outputs: tuple[TensorInfo, ...]
+    providers: tuple[str, ...]
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+def _dims(shape: Sequence) -> tuple[int, ...]:
+    # ORT gives symbolic or unknown axes as strings or None.
+    return tuple(d if isinstance(d, int) and d >= 0 else -1 for d in shape)
+
+
+def provider_options(
+    providers: Sequence[str], *, input_name: str, sample_shape: Sequence[int], max_batch_size: int,
+    fp16: bool, cache_dir: pathlib.Path | None,
+) -> list[tuple[str, dict[str, str]]]:
+    """Providers with their options: TensorRT gets an optimisation profile over batch
+    1 … max_batch_size (its engine is built once per profile, then cached under
+    `cache_dir`); CUDA grows its arena only by what is asked (the model cache budgets
+    memory) and picks convolution algorithms by heuristics, since an exhaustive search
+    would run again for every new batch size."""
+    dims = "x".join(str(d) for d in sample_shape)
+    out: list[tuple[str, dict[str, str]]] = []
+    for provider in providers:
+        if provider == "TensorrtExecutionProvider":
+            options = {
+                "device_id": "0",
+                "trt_fp16_enable": "1" if fp16 else "0",
+                "trt_profile_min_shapes": f"{input_name}:1x{dims}",
+                "trt_profile_opt_shapes": f"{input_name}:{max_batch_size}x{dims}",
+                "trt_profile_max_shapes": f"{input_name}:{max_batch_size}x{dims}",
+            }
+            if cache_dir is not None:
+                cache_dir.mkdir(parents=True, exist_ok=True)
+                options |= {"trt_engine_cache_enable": "1", "trt_engine_cache_path": str(cache_dir),
+                            "trt_timing_cache_enable": "1", "trt_timing_cache_path": str(cache_dir)}
+            out.append((provider, options))
+        elif provider == "CUDAExecutionProvider":
+            out.append((provider, {
+                "device_id": "0",
+                "arena_extend_strategy": "kSameAsRequested",
+                "cudnn_conv_algo_search": "HEURISTIC",
+                "do_copy_in_default_stream": "1",
+            }))
+        else:
+            out.append((provider, {}))
+    return out
+
+
+class OnnxSession:
+    def __init__(
+        self,
+        path: os.PathLike | str,
+        *,
+        threads: int = 0,
+        max_batch_size: int = 32,
+        providers: Sequence[str] | None = None,
+        fp16: bool = False,
+        sample_shape: Sequence[int] = (),
+        cache_dir: pathlib.Path | None = None,
+    ) -> None:
+        """`sample_shape` (the input's shape without the batch axis, e.g. (3, 224, 224))
+        and `cache_dir` are for TensorRT's optimisation profile and engine cache."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads > 0:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # errors only: no per-node placement warnings in the server log
+        providers = tuple(providers if providers is not None else hardware.onnxruntime_providers())
+        self._session = ort.InferenceSession(
+            str(path), sess_options=options,
+            providers=provider_options(providers, input_name="input", sample_shape=sample_shape,
+                                       max_batch_size=max_batch_size, fp16=fp16, cache_dir=cache_dir),
+        )
+        (spec,) = self._session.get_inputs()
+        self.input = TensorInfo(spec.name, _ORT_DTYPES.get(spec.type, np.dtype(np.float32)), _dims(spec.shape))
+        outputs = self._session.get_outputs()
+        self._output_dtypes = [_ORT_DTYPES.get(o.type, np.dtype(np.float32)) for o in outputs]
+        # Callers see float32 outputs whatever the graph computes in.
+        self.outputs = tuple(
+            TensorInfo(o.name, np.dtype(np.float32) if d == np.float16 else d, _dims(o.shape))
+            for o, d in zip(outputs, self._output_dtypes)
+        )
+        self._output_names = [o.name for o in outputs]
+        self.providers = tuple(self._session.get_providers())
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        if x.dtype != self.input.dtype:
+            x = x.astype(self.input.dtype)
+        values = self._session.run(self._output_names, {self.input.name: x})
+        return {
+            name: value.astype(np.float32) if value.dtype == np.float16 else value
+            for name, value in zip(self._output_names, values)
+        }
+
+    def close(self) -> None:
+        self._session = None  # ORT frees the session's memory when the last reference goes
+
+
+class TorchSession:
+    def __init__(self, path: os.PathLike | str, *, backbone: str, num_classes: int, preprocessing: pb.Preprocessing,
+                 device: str | None = None) -> None:
+        import torch
+
+        from service import backbones
+
+        built = backbones.load_published(path, backbone, num_classes, backbones.Preprocessing.from_proto(preprocessing))
+        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self._trunk = built.trunk.to(self._device).eval()
+        self._head = built.head.to(self._device).eval()
+        s = preprocessing.crop_size
+        self.input = TensorInfo("input", np.dtype(np.float32), (-1, 3, s, s))
+        self.outputs = (
+            TensorInfo("logits", np.dtype(np.float32), (-1, num_classes)),
+            TensorInfo("embedding", np.dtype(np.float32), (-1, built.feature_dim)),
+        )
+        self.providers = (f"pytorch-{self._device.type}",)
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+
+        if x.dtype != np.float32:
+            x = x.astype(np.float32)
+        if not x.flags.writeable:  # torch.from_numpy wants a writable array
+            x = x.copy()
+        with torch.inference_mode():
+            embedding = self._trunk(torch.from_numpy(x).to(self._device))  # (N, D)
+            logits = self._head(embedding)  # (N, C)
+            return {"logits": logits.float().cpu().numpy(), "embedding": embedding.float().cpu().numpy()}
+
+    def close(self) -> None:
+        self._trunk = self._head = None
+
+
+def load_runtime(variant: str) -> None:
+    """Imports the runtime a variant runs on ("pytorch" or an ONNX variant), so that the
+    library's own memory (hundreds of MiB for ONNX Runtime's first import) is not
+    counted as the first model's."""
+    if variant == "pytorch":
+        import torch  # noqa: F401
+    else:
+        import onnxruntime  # noqa: F401
+
+
+def sample_input(info: TensorInfo, batch: int, fill_size: int) -> np.ndarray:
+    """Zeros of the input's shape with `batch` rows; other dynamic axes get `fill_size`."""
+    shape = (batch, *(d if d > 0 else fill_size for d in info.shape[1:]))
+    return np.zeros(shape, dtype=info.dtype)
+
+
+def warm_up(session: Session, max_batch_size: int, fill_size: int) -> None:
+    """Runs batch 1 and batch `max_batch_size` once each."""
+    for batch in sorted({1, max_batch_size}):
+        session.run(sample_input(session.input, batch, fill_size))
