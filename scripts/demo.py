@@ -10,8 +10,10 @@ The story: generate two procedural image datasets (no downloads) — a source
 task of six shapes and a few-shot target task of four other shapes, eight
 training images each. Train a source model from scratch, then transfer it to
 the target task, and also train the target task from scratch; print both test
-accuracies side by side. Export, prediction and the trade-off report join as
-those parts of tlserve are built.
+accuracies side by side. Then export the transferred model to ONNX (FP32, checked
+against PyTorch on real images, and INT8 with its accuracy cost measured),
+download it, and classify a few test images through Predict. The trade-off
+report joins when that part of tlserve is built.
 """
 
 from __future__ import annotations
@@ -98,12 +100,17 @@ def test_accuracy(address: str, model: str) -> tuple[float, str]:
     return shown["test_metrics"]["top1_accuracy"], decision.get("strategy", "")
 
 
+def sample_images(target: pathlib.Path) -> list[pathlib.Path]:
+    """The first test image of each target class."""
+    return [sorted((target / "test" / shape).iterdir())[0] for shape in TARGET_SHAPES]
+
+
 def show_metrics(metrics_address: str) -> None:
     url = f"http://{metrics_address}/metrics"
     print("$ curl", url, "| grep tlserve_grpc_requests_total", flush=True)
     with urllib.request.urlopen(url, timeout=10) as response:
         for line in response.read().decode().splitlines():
-            if line.startswith("tlserve_grpc_requests_total"):
+            if line.startswith(("tlserve_grpc_requests_total", "tlserve_inference_batch_size_images")):
                 print(line)
 
 
@@ -152,6 +159,15 @@ def main() -> None:
         print(f"  {'transfer minus scratch':<32} {100 * (transfer - scratch):+5.1f} points")
         print("(A source model trained for two minutes on a CPU is a modest start; with ImageNet weights\n"
               " in the weights cache, `--weights DEFAULT` is the usual starting point.)")
+        banner("export the transferred model to ONNX (parity checked against PyTorch on validation images)")
+        cli(address, "export", "target-transfer", "--precision", "fp32", "--embedding")
+        cli(address, "export", "target-transfer", "--precision", "int8")
+        banner("download the FP32 graph")
+        cli(address, "download", "target-transfer", "--precision", "fp32", "-o", str(HOME / "target-transfer.onnx"))
+        banner("classify a few test images (ONNX Runtime, dynamic batching)")
+        cli(address, "predict", "target-transfer", *map(str, sample_images(target)), "--top-k", "2")
+        cli(address, "predict", "target-transfer", *map(str, sample_images(target)), "--top-k", "1",
+            "--precision", "int8")
         banner("what did those calls cost? (Prometheus)")
         show_metrics(ready["metrics_address"])
     finally:

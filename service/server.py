@@ -26,11 +26,14 @@ from grpc_reflection.v1alpha import reflection
 
 from client.tlserve.v1 import tlserve_pb2, tlserve_pb2_grpc
 from service import hardware, metrics
-from service.api.interceptors import ErrorInterceptor, ObserveInterceptor
+from service.api import kserve
+from service.api.interceptors import ErrorInterceptor, MessageSizeInterceptor, ObserveInterceptor
 from service.api.servicer import ServerState, TLServeServicer
 from service.config import Settings, split_address
 from service.datasets import Datasets
 from service.errors import ConfigError
+from service.export.service import ExportService
+from service.inference.service import InferenceService
 from service.jobs.runner import JobRunner
 from service.jobs.service import JobService
 from service.store import ArtifactStore, MetadataStore
@@ -40,7 +43,19 @@ from service.store.models import ModelStore
 log = logging.getLogger("tlserve.server")
 
 TLSERVE_SERVICE = tlserve_pb2.DESCRIPTOR.services_by_name["TLServe"].full_name
-SERVICE_NAMES = (TLSERVE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+SERVICE_NAMES = (TLSERVE_SERVICE, kserve.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+
+# gRPC core reads no message bigger than this multiple of max_receive_message_bytes;
+# between the setting and the cap, MessageSizeInterceptor refuses with a message that
+# names the call and the setting (gRPC's own refusal names neither).
+CORE_RECEIVE_CAP_FACTOR = 2
+
+
+class Readiness:
+    """Whether the server takes traffic: the health service's SERVING, as the KServe
+    ServerReady RPC reports it."""
+
+    serving = False
 
 
 class TLServeServer:
@@ -54,6 +69,8 @@ class TLServeServer:
         metadata: MetadataStore,
         artifacts: ArtifactStore,
         runner: JobRunner,
+        inference: InferenceService,
+        readiness: Readiness,
     ) -> None:
         self.settings = settings
         self.grpc_port = grpc_port
@@ -64,6 +81,8 @@ class TLServeServer:
         self._health = health_servicer
         self._metrics_server = metrics_server
         self._runner = runner
+        self._inference = inference
+        self._readiness = readiness
         self._stopped = False
 
     @property
@@ -80,6 +99,7 @@ class TLServeServer:
         await self._server.start()
         for name in ("", TLSERVE_SERVICE):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._readiness.serving = True
         if self.settings.ready_file is not None:
             _write_atomically(
                 self.settings.ready_file,
@@ -105,8 +125,10 @@ class TLServeServer:
         self._stopped = True
         grace = self.settings.grace_seconds if grace is None else grace
         log.info("draining", extra={"fields": {"grace_seconds": grace}})
+        self._readiness.serving = False
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
+        await self._inference.close()
         # Training workers stop too; their jobs resume from the last checkpoint at the next start.
         await self._runner.stop()
         self._metrics_server.stop()
@@ -126,9 +148,15 @@ async def create_server(settings: Settings) -> TLServeServer:
         log.warning("removed partial artifacts left by a crash", extra={"fields": {"count": removed}})
 
     server = grpc.aio.server(
-        interceptors=[ObserveInterceptor(metrics.GRPC), ErrorInterceptor()],
+        interceptors=[
+            ObserveInterceptor(metrics.GRPC),
+            ErrorInterceptor(),
+            MessageSizeInterceptor(
+                settings.max_receive_message_bytes, "--max-receive-message-bytes / TLSERVE_MAX_RECEIVE_MESSAGE_BYTES"
+            ),
+        ],
         options=[
-            ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+            ("grpc.max_receive_message_length", settings.max_receive_message_bytes * CORE_RECEIVE_CAP_FACTOR),
             ("grpc.max_send_message_length", settings.max_send_message_bytes),
             # Without this, a second server on the same port binds silently and
             # steals half the connections.
@@ -142,15 +170,27 @@ async def create_server(settings: Settings) -> TLServeServer:
     datasets = Datasets(settings, metadata)
     datasets.remove_leftovers()  # uploads a crash interrupted; only the server does this, never a worker
     runner = JobRunner(settings, jobs)
+    inference = InferenceService(settings, models, artifacts)
     state = ServerState(
         settings=settings,
         start_time=start_time,
         datasets=datasets,
         jobs=JobService(settings, jobs, datasets, models, artifacts, runner),
         models=models,
+        exports=ExportService(settings, models, artifacts),
+        inference=inference,
     )
     tlserve_pb2_grpc.add_TLServeServicer_to_server(TLServeServicer(state), server)
     health_servicer = health.aio.HealthServicer()
+    readiness = Readiness()
+    kserve.add_to_server(
+        kserve.KServeServicer(
+            inference, models, server_name="tlserve", server_version=hardware.versions()["tlserve"],
+            is_ready=lambda: readiness.serving, max_batch_size=settings.max_batch_size,
+            batch_delay_seconds=settings.batch_delay_seconds,
+        ),
+        server,
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", TLSERVE_SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -174,7 +214,8 @@ async def create_server(settings: Settings) -> TLServeServer:
             "(set --metrics-address or TLSERVE_METRICS_ADDRESS)"
         ) from None
     metrics.BUILD_INFO.labels(version=hardware.versions()["tlserve"], torch_version=hardware.versions()["torch"]).set(1)
-    return TLServeServer(settings, server, health_servicer, grpc_port, metrics_server, metadata, artifacts, runner)
+    return TLServeServer(settings, server, health_servicer, grpc_port, metrics_server, metadata, artifacts, runner,
+                         inference, readiness)
 
 
 async def serve(settings: Settings) -> None:

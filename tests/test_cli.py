@@ -56,8 +56,6 @@ def test_info_names_the_devices(live_server):
 @pytest.mark.parametrize(
     "args",
     [
-        ("predict", "m", __file__),
-        ("export", "m"),
         ("report", "m"),
     ],
     ids=lambda a: a[0],

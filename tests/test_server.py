@@ -141,7 +141,8 @@ def test_metrics_count_calls_by_method_and_code(live_server, stub):
         stub.Predict(pb.PredictRequest(), timeout=30)
     text = scrape(live_server.metrics_address)
     assert sample(text, "tlserve_grpc_requests_total", method=method, code="OK") == before + 3
-    assert sample(text, "tlserve_grpc_requests_total", method=f"{TLSERVE}/Predict", code="UNIMPLEMENTED") >= 1
+    # An empty PredictRequest names no model: a user error, counted under its code.
+    assert sample(text, "tlserve_grpc_requests_total", method=f"{TLSERVE}/Predict", code="INVALID_ARGUMENT") >= 1
     assert sample(text, "tlserve_grpc_request_duration_seconds_count", method=method) >= 3
     assert sample(text, "process_resident_memory_bytes") > 0
 

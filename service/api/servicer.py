@@ -7,33 +7,40 @@ never on the event loop.
 
 RPCs that a later part of tlserve provides answer UNIMPLEMENTED with a message
 that says which part is missing (`_NOT_YET_BUILT`), never a fake success.
+
+Predict and PredictStream hand the caller's deadline to the inference service,
+which drops work whose deadline has passed before computing it; a client that
+cancels cancels the handler task, which frees its place in the model's queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 from google.protobuf import timestamp_pb2
 
 from client.tlserve.v1 import tlserve_pb2 as pb
 from client.tlserve.v1 import tlserve_pb2_grpc
 from service import backbones, hardware
+from service.api.interceptors import status_for
 from service.config import Settings
 from service.datasets import Datasets
-from service.errors import InvalidArgument, Unimplemented
+from service.errors import InvalidArgument, TLServeError, Unimplemented
+from service.export.service import ExportService
+from service.inference.service import InferenceService
 from service.jobs.service import JobService
 from service.store.models import ModelStore
 
 # RPC → the part of tlserve that will provide it.
 _NOT_YET_BUILT: dict[str, str] = {
-    "ExportModel": "ONNX export",
-    "DownloadModel": "ONNX export",
     "ProfileModel": "model profiling and the trade-off report",
     "CompareBackbones": "model profiling and the trade-off report",
-    "Predict": "ONNX Runtime inference",
-    "PredictStream": "ONNX Runtime inference",
 }
+
+# PredictStream requests computed at once per stream; replies still go out in order.
+STREAM_WINDOW = 32
 
 
 def _not_yet_built(method: str, part: str):
@@ -54,6 +61,8 @@ class ServerState:
     datasets: Datasets
     jobs: JobService
     models: ModelStore
+    exports: ExportService
+    inference: InferenceService
 
 
 class TLServeServicer(tlserve_pb2_grpc.TLServeServicer):
@@ -62,6 +71,8 @@ class TLServeServicer(tlserve_pb2_grpc.TLServeServicer):
         self._datasets = state.datasets
         self._jobs = state.jobs
         self._models = state.models
+        self._exports = state.exports
+        self._inference = state.inference
 
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context) -> pb.ServerInfo:
         versions = hardware.versions()
@@ -154,7 +165,72 @@ class TLServeServicer(tlserve_pb2_grpc.TLServeServicer):
 
     async def DeleteModel(self, request: pb.DeleteModelRequest, context) -> pb.DeleteModelResponse:
         deleted = await asyncio.to_thread(self._models.delete, request.model, request.all_versions)
+        for ref in deleted:
+            self._inference.evict(ref.name, ref.version)  # its sessions give their memory back now
         return pb.DeleteModelResponse(deleted=deleted)
+
+    # --- export -----------------------------------------------------------
+
+    async def ExportModel(self, request: pb.ExportModelRequest, context) -> pb.ModelArtifact:
+        artifact = await asyncio.to_thread(self._exports.export, request)
+        # A re-export replaces a variant's file: sessions of the old one must not keep answering.
+        self._inference.evict(artifact.model.name, artifact.model.version)
+        return artifact
+
+    async def DownloadModel(self, request: pb.DownloadModelRequest, context):
+        chunks = await asyncio.to_thread(self._exports.download, request)
+        try:
+            while (response := await asyncio.to_thread(next, chunks, None)) is not None:
+                yield response
+        finally:
+            chunks.close()
+
+    # --- inference --------------------------------------------------------
+
+    async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
+        return await self._inference.predict(request, deadline=_deadline(context))
+
+    async def PredictStream(self, request_iterator, context):
+        """Replies in request order; each request is computed as soon as it arrives
+        (up to STREAM_WINDOW at once), so a stream batches with itself and others.
+        A failed request gets a reply with `error` set and the stream goes on."""
+        deadline = _deadline(context)
+        pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(STREAM_WINDOW)
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(self._predict_in_stream(request, deadline))
+                    await pending.put(task)
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (task := await pending.get()) is not None:
+                yield await task
+            await reader  # re-raises a failure of the request stream itself (e.g. an oversized message)
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                task = pending.get_nowait()
+                if task is not None:
+                    task.cancel()
+
+    async def _predict_in_stream(self, request: pb.PredictRequest, deadline: float | None) -> pb.PredictResponse:
+        try:
+            return await self._inference.predict(request, deadline=deadline)
+        except TLServeError as e:
+            return pb.PredictResponse(
+                request_id=request.request_id,
+                error=pb.PredictError(code=status_for(e).value[0], message=str(e)),
+            )
+
+
+def _deadline(context) -> float | None:
+    """The call's deadline on the time.monotonic() clock, or None without one."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 for _method, _part in _NOT_YET_BUILT.items():

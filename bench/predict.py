@@ -1,0 +1,466 @@
+"""Prediction benchmarks: ONNX Runtime against PyTorch in-process, Predict over gRPC
+against in-process ONNX Runtime, dynamic batching on and off, FP16/INT8 against FP32.
+
+    .venv/bin/python bench/predict.py --quick      # resnet18 only: a few minutes on 2 CPU cores
+    .venv/bin/python bench/predict.py              # resnet18, mobilenet_v3_large, efficientnet_b0
+
+For each backbone (224 × 224 unless --image-size says otherwise):
+
+1. `make_model`: a real tlserve server (a child process, as an operator runs it) gets
+   a procedural shapes dataset, fine-tunes the backbone on it (feature extraction
+   on random weights: pretrained weights can't be downloaded here, and speed does not
+   depend on the weights) and exports it to ONNX in FP32, FP16 and INT8 through
+   ExportModel, which measures each variant's test accuracy.
+2. `bench_inprocess`: the exported FP32 graph in an ONNX Runtime session against the
+   PyTorch model in eager mode (`torch.inference_mode`, default threads), at batch 1,
+   8 and 32, in this process. The two sides alternate; the ratio is the median
+   PyTorch time ÷ the median ONNX Runtime time (> 1: ONNX Runtime is faster).
+3. `bench_grpc`: Predict from a separate client process (`--load`: one asyncio
+   loop, C calls in flight, the request serialised once) at concurrency 1, 8 and
+   32, with raw uint8 tensors already at the model's input size (the server's fast
+   path: no decode, no resize) and with JPEG camera frames (640 × 480; decode share
+   reported), once with dynamic batching on (the server's defaults) and once off
+   (`--max-batch-size 1`). Throughput and p50/p99 latency; at concurrency 1 the
+   overhead is the p50 over gRPC minus the in-process ONNX Runtime p50 at batch 1,
+   at concurrency C the throughput is compared with in-process ONNX Runtime at
+   batch C (the ceiling of what batching can reach).
+4. `bench_precisions`: FP16 and INT8 against FP32: in-process speed at batch 1 and
+   8, file size, and the test accuracy ExportModel measured.
+
+The client process and the server share the machine's cores, as they do in the
+Triton comparison the targets come from. The output ends with one `name: value`
+line per figure (`final_lines`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from client.tlserve.v1 import tlserve_pb2 as pb  # noqa: E402
+
+FIGURES = (
+    "ort_vs_torch_ratio_b1",
+    "ort_vs_torch_ratio_b8",
+    "grpc_vs_inprocess_ratio_c8",
+    "grpc_overhead_ms_c1",
+    "batching_gain_c8",
+    "p99_ms_c8",
+)
+PREDICT = "/tlserve.v1.TLServe/Predict"
+CAMERA_FRAME = (640, 480)  # width, height of the JPEG inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    backbones: tuple[str, ...]
+    image_size: int = 224
+    train_per_class: int = 12  # procedural images per class for the model (3 classes)
+    batches: tuple[int, ...] = (1, 8, 32)
+    concurrencies: tuple[int, ...] = (1, 8, 32)
+    inprocess_seconds: float = 2.0  # per side and batch size, split into alternating rounds
+    rounds: int = 4
+    load_seconds: float = 4.0  # per gRPC measurement, after a warm-up
+    warmup_seconds: float = 1.0
+
+
+SETTINGS = {
+    "quick": Settings(backbones=("resnet18",)),
+    "full": Settings(
+        backbones=("resnet18", "mobilenet_v3_large", "efficientnet_b0"),
+        train_per_class=16, inprocess_seconds=4.0, rounds=6, load_seconds=8.0, warmup_seconds=2.0,
+    ),
+}
+
+
+# -- the model, through a real server ---------------------------------------------------
+
+
+def start_server(home: Path, data_root: Path, *extra: str):
+    from tests.serverproc import ServerProcess
+
+    return ServerProcess(home, "--data-root", str(data_root), "--log-level", "warning", *extra).start()
+
+
+def make_model(tl, backbone: str, settings: Settings, data_root: Path) -> tuple[pb.Model, dict[int, pb.ModelArtifact]]:
+    """Dataset → FineTune (feature extraction) → ExportModel FP32/FP16/INT8."""
+    from service.training.synthetic import TARGET_SHAPES, write_image_folder
+
+    folder = data_root / f"shapes{settings.image_size}"
+    if not folder.exists():
+        write_image_folder(folder, TARGET_SHAPES[:3], settings.train_per_class, size=settings.image_size, seed=5)
+    dataset = tl.register_dataset(folder.name, folder.name)
+    request = pb.FineTuneRequest(
+        dataset=dataset.id, model_name=backbone.replace("_", "-"), backbone=backbone,
+        weights=pb.WeightsSource(scratch=pb.WeightsSource.Scratch()), strategy=pb.STRATEGY_FEATURE_EXTRACTION,
+        image_size=settings.image_size, seed=1, training=pb.TrainingOptions(epochs=3, batch_size=16),
+    )
+    job = tl.fine_tune(request)
+    deadline = time.monotonic() + 1800
+    while job.state not in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"fine-tune of {backbone} did not finish: {job}")
+        time.sleep(0.5)
+        job = tl.get_job(job.id)
+    if job.state != pb.JOB_STATE_SUCCEEDED:
+        raise RuntimeError(f"fine-tune of {backbone} failed: {job.error}")
+    artifacts = {
+        precision: tl.export_model(job.model, precision=precision, timeout=1800)
+        for precision in (pb.PRECISION_FP32, pb.PRECISION_FP16, pb.PRECISION_INT8)
+    }
+    return tl.get_model(job.model), artifacts
+
+
+def artifact_file(home: Path, model: pb.Model, precision: int) -> Path:
+    from service.store.models import model_dir
+
+    name = pb.Precision.Name(precision).removeprefix("PRECISION_").lower()
+    return home / "artifacts" / model_dir(model.name, model.version) / f"model-{name}-float_nchw.onnx"
+
+
+# -- in-process ---------------------------------------------------------------------------
+
+
+def ort_session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def timed_calls(fn, seconds: float, min_calls: int = 3) -> list[float]:
+    """Per-call seconds of `fn()` repeated for about `seconds`."""
+    times: list[float] = []
+    stop = time.perf_counter() + seconds
+    while time.perf_counter() < stop or len(times) < min_calls:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_inprocess(home: Path, model: pb.Model, settings: Settings) -> dict:
+    import torch
+
+    from service import backbones
+
+    built = backbones.load_published(
+        pt_path(home, model), model.backbone, len(model.class_names), backbones.Preprocessing.from_proto(model.preprocessing),
+    )
+    session = ort_session(artifact_file(home, model, pb.PRECISION_FP32))
+    size = settings.image_size
+    rows = {}
+    for batch in settings.batches:
+        x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+        xt = torch.from_numpy(x)
+
+        def run_ort() -> None:
+            session.run(["logits"], {"input": x})
+
+        def run_torch() -> None:
+            with torch.inference_mode():
+                built.model(xt)
+
+        run_ort(), run_torch()  # warm-up
+        ort_times: list[float] = []
+        torch_times: list[float] = []
+        per_round = settings.inprocess_seconds / settings.rounds
+        for r in range(settings.rounds):
+            order = (run_ort, run_torch) if r % 2 == 0 else (run_torch, run_ort)
+            for fn in order:
+                (ort_times if fn is run_ort else torch_times).extend(timed_calls(fn, per_round))
+        ort_p50, torch_p50 = statistics.median(ort_times), statistics.median(torch_times)
+        rows[batch] = {
+            "ort_p50_ms": ort_p50 * 1e3, "torch_p50_ms": torch_p50 * 1e3,
+            "ort_images_per_second": batch / ort_p50, "torch_images_per_second": batch / torch_p50,
+            "ratio": torch_p50 / ort_p50,
+        }
+    return rows
+
+
+def pt_path(home: Path, model: pb.Model) -> Path:
+    from service.store.models import model_dir
+
+    return home / "artifacts" / model_dir(model.name, model.version) / "model.pt"
+
+
+def bench_precisions(home: Path, model: pb.Model, artifacts: dict[int, pb.ModelArtifact], settings: Settings) -> dict:
+    size = settings.image_size
+    rows = {}
+    for precision, artifact in artifacts.items():
+        session = ort_session(artifact_file(home, model, precision))
+        row = {"size_bytes": artifact.size_bytes, "test_top1": artifact.test_top1_accuracy,
+               "delta_points": artifact.accuracy_delta_points}
+        for batch in (1, 8):
+            x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+            session.run(["logits"], {"input": x})
+            row[f"p50_ms_b{batch}"] = statistics.median(
+                timed_calls(lambda: session.run(["logits"], {"input": x}), settings.inprocess_seconds / 2)
+            ) * 1e3
+        rows[precision] = row
+    return rows
+
+
+# -- over gRPC, from another process --------------------------------------------------------
+
+
+def camera_jpeg(seed: int = 0) -> bytes:
+    """A 640 × 480 JPEG with enough texture to cost what a photo costs to decode."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = CAMERA_FRAME
+    gradient = np.linspace(0, 255, w, dtype=np.float32)[None, :, None] * np.ones((h, 1, 3), np.float32)
+    noise = rng.normal(0, 40, (h, w, 3)).astype(np.float32)
+    pixels = np.clip(gradient + noise, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def predict_request_bytes(model: str, kind: str, size: int) -> bytes:
+    if kind == "tensor":
+        pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        image = pb.ImageInput(tensor=pb.Tensor(shape=[size, size, 3], dtype=pb.DATA_TYPE_UINT8, data=pixels.tobytes()))
+    else:
+        image = pb.ImageInput(encoded=camera_jpeg())
+    return pb.PredictRequest(model=pb.ModelRef(name=model), images=[image], top_k=1).SerializeToString()
+
+
+async def _load(address: str, request: bytes, concurrency: int, seconds: float, warmup: float) -> dict:
+    import grpc
+
+    async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+        # Serialised once: the client's own CPU cost stays out of the server's figures.
+        predict = channel.unary_unary(PREDICT, request_serializer=None, response_deserializer=pb.PredictResponse.FromString)
+        latencies: list[float] = []
+        errors: dict[str, int] = {}
+        recording = False
+
+        async def caller(stop_at: float) -> None:
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                try:
+                    await predict(request, timeout=30)
+                except grpc.aio.AioRpcError as e:
+                    errors[e.code().name] = errors.get(e.code().name, 0) + 1
+                    continue
+                if recording:
+                    latencies.append(time.perf_counter() - t0)
+
+        await asyncio.gather(*(caller(time.perf_counter() + warmup) for _ in range(concurrency)))
+        recording = True
+        start = time.perf_counter()
+        await asyncio.gather(*(caller(start + seconds) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    latencies.sort()
+    return {
+        "concurrency": concurrency, "calls": len(latencies), "errors": errors,
+        "images_per_second": len(latencies) / wall,
+        "p50_ms": percentile(latencies, 50) * 1e3, "p99_ms": percentile(latencies, 99) * 1e3,
+    }
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (0 for an empty one)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, min(len(sorted_values), int(np.ceil(q / 100 * len(sorted_values)))))
+    return sorted_values[rank - 1]
+
+
+def run_load(address: str, model: str, kind: str, concurrency: int, settings: Settings) -> dict:
+    """One measurement from a separate client process (`--load`)."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--load", address, "--model", model, "--input", kind,
+         "--concurrency", str(concurrency), "--seconds", str(settings.load_seconds),
+         "--warmup", str(settings.warmup_seconds), "--image-size", str(settings.image_size)],
+        check=True, capture_output=True, text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_grpc(address: str, model: str, settings: Settings, kinds=("tensor", "jpeg")) -> dict:
+    return {
+        (kind, c): run_load(address, model, kind, c, settings)
+        for kind in kinds
+        for c in settings.concurrencies
+        if kind == "tensor" or c in (1, 8)
+    }
+
+
+# -- report -----------------------------------------------------------------------------
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(h) for h in headers]] + [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def final_lines(figures: dict[str, float]) -> list[str]:
+    """`name: value`, the required figures first in FIGURES order, then any others."""
+    names = [n for n in FIGURES if n in figures] + [n for n in figures if n not in FIGURES]
+    return [f"{name}: {figures[name]:.2f}" for name in names]
+
+
+def headline_figures(inprocess: dict, on: dict, off: dict) -> dict[str, float]:
+    """The required figures from one backbone's measurements."""
+    return {
+        "ort_vs_torch_ratio_b1": inprocess[1]["ratio"],
+        "ort_vs_torch_ratio_b8": inprocess[8]["ratio"],
+        "grpc_vs_inprocess_ratio_c8": on[("tensor", 8)]["images_per_second"] / inprocess[8]["ort_images_per_second"],
+        "grpc_overhead_ms_c1": on[("tensor", 1)]["p50_ms"] - inprocess[1]["ort_p50_ms"],
+        "batching_gain_c8": on[("tensor", 8)]["images_per_second"] / off[("tensor", 8)]["images_per_second"],
+        "p99_ms_c8": on[("tensor", 8)]["p99_ms"],
+    }
+
+
+def machine() -> dict[str, str]:
+    import onnxruntime
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu, "cores": str(len(os.sched_getaffinity(0))), "torch": torch.__version__,
+        "torch threads": str(torch.get_num_threads()), "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = SETTINGS["quick" if args.quick else "full"]
+    if args.image_size:
+        settings = dataclasses.replace(settings, image_size=args.image_size)
+    if args.backbones:
+        settings = dataclasses.replace(settings, backbones=tuple(args.backbones.split(",")))
+    say = print
+    say(f"# tlserve prediction benchmarks ({'--quick' if args.quick else 'full'}), "
+        f"{datetime.datetime.now().isoformat(timespec='seconds')}")
+    say(table(["machine", ""], [[k, v] for k, v in machine().items()]))
+    say("\nsettings: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(settings).items()) + "\n")
+    import client as tlclient
+
+    workdir = Path(tempfile.mkdtemp(prefix="tlserve-bench-predict-", dir=args.tmp))
+    figures: dict[str, float] = {}
+    try:
+        data_root = workdir / "data"
+        data_root.mkdir()
+        for backbone in settings.backbones:
+            home = workdir / backbone / "home"
+            home.parent.mkdir()
+            server = start_server(home, data_root)
+            try:
+                with tlclient.Client(server.address, timeout=120) as tl:
+                    t0 = time.perf_counter()
+                    model, artifacts = make_model(tl, backbone, settings, data_root)
+                    say(f"## {backbone} at {settings.image_size} px: fine-tuned and exported in "
+                        f"{time.perf_counter() - t0:.0f} s")
+                say("\n### 1. in-process: ONNX Runtime (FP32) against PyTorch eager")
+                inprocess = bench_inprocess(home, model, settings)
+                say(table(["batch", "ORT p50 ms", "torch p50 ms", "ORT img/s", "torch img/s", "torch ÷ ORT time"],
+                          [[b, r["ort_p50_ms"], r["torch_p50_ms"], r["ort_images_per_second"],
+                            r["torch_images_per_second"], r["ratio"]] for b, r in inprocess.items()]))
+                on = bench_grpc(server.address, model.name, settings)
+            except BaseException:
+                print("server log (tail):\n" + "\n".join(server.log().splitlines()[-40:]), file=sys.stderr)
+                raise
+            finally:
+                server.terminate()
+            server = start_server(home, data_root, "--max-batch-size", "1")
+            try:
+                off = bench_grpc(server.address, model.name, settings, kinds=("tensor",))
+            finally:
+                server.terminate()
+
+            say("\n### 2. Predict over gRPC from another process (one image per call)")
+            rows = []
+            for label, runs in (("on", on), ("off", off)):
+                for (kind, c), r in runs.items():
+                    ceiling = inprocess[min(c, max(settings.batches))]["ort_images_per_second"]
+                    rows.append([kind, label, c, r["images_per_second"], r["p50_ms"], r["p99_ms"],
+                                 r["images_per_second"] / ceiling, sum(r["errors"].values())])
+            say(table(["input", "batching", "concurrency", "img/s", "p50 ms", "p99 ms",
+                       "÷ in-process ORT at batch=C", "errors"], rows))
+            jpeg, tensor = on[("jpeg", 1)]["p50_ms"], on[("tensor", 1)]["p50_ms"]
+            say(f"JPEG {CAMERA_FRAME[0]}×{CAMERA_FRAME[1]} at concurrency 1: p50 {jpeg:.2f} ms against {tensor:.2f} ms "
+                f"for a prepared tensor: decode and resize are {max(0.0, jpeg - tensor) / jpeg:.0%} of the call")
+
+            say("\n### 3. FP16 and INT8 against FP32 (in-process ONNX Runtime, CPU)")
+            precisions = bench_precisions(home, model, artifacts, settings)
+            fp32 = precisions[pb.PRECISION_FP32]
+            say(table(["precision", "size MB", "p50 ms b1", "p50 ms b8", "speed-up b8 vs FP32", "test top-1",
+                       "Δ points vs FP32"],
+                      [[pb.Precision.Name(p).removeprefix("PRECISION_"), r["size_bytes"] / 1e6, r["p50_ms_b1"],
+                        r["p50_ms_b8"], fp32["p50_ms_b8"] / r["p50_ms_b8"], r["test_top1"], r["delta_points"]]
+                       for p, r in precisions.items()]))
+            say("")
+            found = headline_figures(inprocess, on, off)
+            found["jpeg_decode_share_c1"] = max(0.0, jpeg - tensor) / jpeg
+            found["int8_speedup_b8"] = fp32["p50_ms_b8"] / precisions[pb.PRECISION_INT8]["p50_ms_b8"]
+            found["int8_accuracy_delta_points"] = precisions[pb.PRECISION_INT8]["delta_points"]
+            found["fp16_speedup_b8"] = fp32["p50_ms_b8"] / precisions[pb.PRECISION_FP16]["p50_ms_b8"]
+            if backbone == settings.backbones[0]:
+                figures.update(found)
+            else:
+                figures.update({f"{backbone}_{k}": v for k, v in found.items()})
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    for line in final_lines(figures):
+        say(line)
+    return 0
+
+
+def load_main(args: argparse.Namespace) -> int:
+    request = predict_request_bytes(args.model, args.input, args.image_size)
+    result = asyncio.run(_load(args.load, request, args.concurrency, args.seconds, args.warmup))
+    print(json.dumps(result))
+    return 0
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="resnet18 only: a few minutes on 2 CPU cores")
+    parser.add_argument("--backbones", default="", help="comma-separated torchvision names (default: per mode)")
+    parser.add_argument("--image-size", type=int, default=0, help="input size in pixels (default 224)")
+    parser.add_argument("--tmp", type=Path, default=None, help="where the temporary homes go (default: the system's)")
+    load = parser.add_argument_group("load client (internal: one measurement from its own process)")
+    load.add_argument("--load", default="", metavar="ADDRESS", help=argparse.SUPPRESS)
+    load.add_argument("--model", default="", help=argparse.SUPPRESS)
+    load.add_argument("--input", choices=("tensor", "jpeg"), default="tensor", help=argparse.SUPPRESS)
+    load.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
+    load.add_argument("--seconds", type=float, default=4.0, help=argparse.SUPPRESS)
+    load.add_argument("--warmup", type=float, default=1.0, help=argparse.SUPPRESS)
+    return parser
+
+
+if __name__ == "__main__":
+    arguments = get_args_parser().parse_args()
+    sys.exit(load_main(arguments) if arguments.load else main(arguments))
