@@ -253,6 +253,32 @@ def test_concurrent_calls_batch_and_one_bad_call_does_not_fail_the_others(server
     assert batch_lines, "the batch sizes seen are a metric"
 
 
+def test_the_cli_exports_downloads_and_predicts(server, fp32, manifest, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tlserve = str(Path(sys.executable).with_name("tlserve"))
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        result = subprocess.run([tlserve, "--address", server.address, *args], capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    exported = run("export", "shapes", "--precision", "fp16")
+    assert "parity" in exported.stdout and "delta vs fp32" in exported.stdout
+    target = tmp_path / "fp16.onnx"
+    run("download", "shapes", "--precision", "fp16", "-o", str(target))
+    assert target.stat().st_size > 0
+    (path, label), *_ = manifest.samples("test")
+    shown = json.loads(run("predict", "shapes", str(path), "--top-k", "2", "--json").stdout)
+    assert len(shown["predictions"]) == 1 and len(shown["predictions"][0]["top_k"]) == 2
+    table = run("predict", "shapes", str(path), "--precision", "fp16").stdout
+    assert "shapes:1 (onnx, fp16)" in table.lower() and str(path) in table
+
+
 def test_delete_model_unloads_it_and_predict_then_says_not_found(tl, fp32, manifest, made):
     # Last in the module: the model goes away.
     good = png_bytes(manifest.samples("test")[0][0])
