@@ -213,7 +213,13 @@ def test_int8_graph_is_quantized_per_channel_in_qdq_form(service, artifacts, mod
 # test takes the first that loses any and fails if none does.
 HARSH_CALIBRATIONS = [
     pb.CalibrationOptions(image_count=n, per_channel=pc, reduce_range=rr, method=pb.CalibrationOptions.METHOD_MINMAX)
-    for n, pc, rr in ((2, False, False), (2, True, False), (3, False, False), (2, False, True), (4, True, False))
+    for n, pc, rr in ((2, False, False), (2, True, False), (3, False, False), (2, False, True), (4, True, False),
+                      (1, False, False), (1, True, False))
+] + [
+    # Percentile ranges from one or two images clip the activations hardest.
+    pb.CalibrationOptions(image_count=n, per_channel=False, reduce_range=False,
+                          method=pb.CalibrationOptions.METHOD_PERCENTILE)
+    for n in (1, 2)
 ]
 
 
