@@ -142,7 +142,7 @@ def make_model(tl, backbone: str, settings: Settings, data_root: Path) -> tuple[
     return tl.get_model(ref), artifacts
 
 
-def make_accuracy_model(tl, backbone: str, data_root: Path) -> tuple[pb.Model, dict[int, pb.ModelArtifact]]:
+def make_accuracy_model(tl, backbone: str, data_root: Path, epochs: int) -> tuple[pb.Model, dict[int, pb.ModelArtifact]]:
     """The accuracy model. Random features at 224 px don't tell the shapes apart and a
     CPU can't train a 224 px network from scratch in a benchmark's minutes, so the
     accuracy cost of FP16 and INT8 is measured on the same backbone trained in full at
@@ -156,7 +156,7 @@ def make_accuracy_model(tl, backbone: str, data_root: Path) -> tuple[pb.Model, d
     request = pb.FineTuneRequest(
         dataset=dataset.id, model_name=f"{backbone.replace('_', '-')}-32px", backbone=backbone,
         weights=pb.WeightsSource(scratch=pb.WeightsSource.Scratch()), strategy=pb.STRATEGY_FULL,
-        image_size=32, seed=1, training=pb.TrainingOptions(epochs=8, batch_size=16),
+        image_size=32, seed=1, training=pb.TrainingOptions(epochs=epochs, batch_size=16),
     )
     ref = wait_for_model(tl, tl.fine_tune(request), f"{backbone} at 32 px")
     artifacts = export_all(tl, ref)
@@ -420,7 +420,7 @@ def main(args: argparse.Namespace) -> int:
                     say(f"## {backbone} at {settings.image_size} px: fine-tuned and exported in "
                         f"{time.perf_counter() - t0:.0f} s")
                     t0 = time.perf_counter()
-                    accuracy_model, accuracy = make_accuracy_model(tl, backbone, data_root)
+                    accuracy_model, accuracy = make_accuracy_model(tl, backbone, data_root, args.accuracy_epochs)
                     say(f"accuracy model: {backbone} trained at 32 px, test top-1 "
                         f"{accuracy_model.test_metrics.top1_accuracy:.3f} on "
                         f"{accuracy_model.test_metrics.image_count} images (chance 0.333), "
@@ -494,6 +494,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbones", default="", help="comma-separated torchvision names (default: per mode)")
     parser.add_argument("--image-size", type=int, default=0, help="input size in pixels (default 224)")
     parser.add_argument("--tmp", type=Path, default=None, help="where the temporary homes go (default: the system's)")
+    parser.add_argument("--accuracy-epochs", type=int, default=8,
+                        help="epochs of the 32 px accuracy model (more on a GPU: from scratch it needs them)")
     load = parser.add_argument_group("load client (internal: one measurement from its own process)")
     load.add_argument("--load", default="", metavar="ADDRESS", help=argparse.SUPPRESS)
     load.add_argument("--model", default="", help=argparse.SUPPRESS)
