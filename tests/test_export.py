@@ -211,31 +211,18 @@ def test_int8_graph_is_quantized_per_channel_in_qdq_form(service, artifacts, mod
 # Which of them loses test images depends on the CPU's integer kernels (here, AVX2 without
 # VNNI: the first loses 2 of 12; on an AVX-512 VNNI machine the first loses none), so the
 # test takes the first that loses any and fails if none does.
-HARSH_CALIBRATIONS = [
-    pb.CalibrationOptions(image_count=n, per_channel=pc, reduce_range=rr, method=pb.CalibrationOptions.METHOD_MINMAX)
-    for n, pc, rr in ((2, False, False), (2, True, False), (3, False, False), (2, False, True), (4, True, False),
-                      (1, False, False), (1, True, False))
-] + [
-    # Percentile ranges from one or two images clip the activations hardest.
-    pb.CalibrationOptions(image_count=n, per_channel=False, reduce_range=False,
-                          method=pb.CalibrationOptions.METHOD_PERCENTILE)
-    for n in (1, 2)
-]
-
-
-def test_a_variant_losing_more_than_max_accuracy_drop_is_refused_and_nothing_is_published(service, models, artifacts):
+def test_a_variant_losing_more_than_max_accuracy_drop_is_refused_and_nothing_is_published(
+    service, models, artifacts, monkeypatch
+):
+    # Whether a real calibration loses test images of this small model depends on the
+    # CPU and on borderline images, so the measured accuracies are fixed here: the
+    # variant scores 0.50 where PyTorch scores 0.75, a loss of 25 points. The
+    # measurement itself is tested above (accuracy and delta stored for every variant).
+    monkeypatch.setattr(service, "_accuracy", lambda *args, **kwargs: (0.50, 0.75))
     request = pb.ExportModelRequest(model=ref(), precision=pb.PRECISION_INT8, input_format=pb.INPUT_FORMAT_UINT8_NHWC,
                                     max_accuracy_drop_points=100)
-    for calibration in HARSH_CALIBRATIONS:
-        request.calibration.CopyFrom(calibration)
-        try:
-            published = service.export(request)  # within its limit: published, its loss recorded
-        except FailedPrecondition:  # parity refused it: too harsh to reach the accuracy check
-            continue
-        if published.accuracy_delta_points < 0:
-            break
-    else:
-        pytest.fail("no calibration in HARSH_CALIBRATIONS loses accuracy on this machine: add a harsher one")
+    published = service.export(request)  # within its limit: published, its loss recorded
+    assert published.accuracy_delta_points == pytest.approx(-25.0)
     before = {artifact_variant(a): a.sha256 for a in models.get("shapes", 1).artifacts}
     files = sorted(p.name for p in artifacts.path(model_dir("shapes", 1)).iterdir())
 
