@@ -107,10 +107,11 @@ def sample_images(target: pathlib.Path) -> list[pathlib.Path]:
 
 def show_metrics(metrics_address: str) -> None:
     url = f"http://{metrics_address}/metrics"
-    print("$ curl", url, "| grep tlserve_grpc_requests_total", flush=True)
+    print("$ curl", url, "| grep -E 'tlserve_grpc_requests_total|batch_size_images_(count|sum)|predict_images_total'", flush=True)
     with urllib.request.urlopen(url, timeout=10) as response:
         for line in response.read().decode().splitlines():
-            if line.startswith(("tlserve_grpc_requests_total", "tlserve_inference_batch_size_images")):
+            if line.startswith(("tlserve_grpc_requests_total", "tlserve_inference_batch_size_images_count",
+                                "tlserve_inference_batch_size_images_sum", "tlserve_predict_images_total")):
                 print(line)
 
 
