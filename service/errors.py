@@ -39,6 +39,10 @@ class DeadlineExceeded(TLServeError):
     a prediction waited in its model's queue); the work was dropped, not done late."""
 
 
+class Cancelled(TLServeError):
+    """The caller cancelled a long call; work not yet started was dropped."""
+
+
 class Unavailable(TLServeError):
     """The server is shutting down or a dependency is unavailable; retry later."""
 

@@ -42,6 +42,7 @@ STATUS_BY_ERROR: dict[type[errors.TLServeError], grpc.StatusCode] = {
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
 }
 
 REQUEST_ID_KEY = "x-request-id"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 
 from google.protobuf import timestamp_pb2
@@ -31,11 +32,11 @@ from service.errors import InvalidArgument, TLServeError, Unimplemented
 from service.export.service import ExportService
 from service.inference.service import InferenceService
 from service.jobs.service import JobService
+from service.profiling.profile import ProfileService
 from service.store.models import ModelStore
 
 # RPC → the part of tlserve that will provide it.
 _NOT_YET_BUILT: dict[str, str] = {
-    "ProfileModel": "model profiling and the trade-off report",
     "CompareBackbones": "model profiling and the trade-off report",
 }
 
@@ -63,6 +64,7 @@ class ServerState:
     models: ModelStore
     exports: ExportService
     inference: InferenceService
+    profiles: ProfileService
 
 
 class TLServeServicer(tlserve_pb2_grpc.TLServeServicer):
@@ -184,6 +186,16 @@ class TLServeServicer(tlserve_pb2_grpc.TLServeServicer):
                 yield response
         finally:
             chunks.close()
+
+    # --- profiling --------------------------------------------------------
+
+    async def ProfileModel(self, request: pb.ProfileModelRequest, context) -> pb.ModelProfile:
+        cancelled = threading.Event()  # stops the profile before its next variant
+        try:
+            return await asyncio.to_thread(self._state.profiles.profile, request, cancelled)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
 
     # --- inference --------------------------------------------------------
 

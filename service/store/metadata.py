@@ -80,6 +80,18 @@ MIGRATIONS: tuple[str, ...] = (
         FOREIGN KEY (model_name, model_version) REFERENCES models (name, version) ON DELETE CASCADE
     );
     """,
+    # 1 → 2: ProfileModel's measurements, the latest per model variant.
+    """
+    CREATE TABLE profiles (
+        model_name    TEXT NOT NULL,
+        model_version INTEGER NOT NULL,
+        variant       TEXT NOT NULL,       -- the artifact variant measured, e.g. "onnx-int8-float_nchw"
+        time          REAL NOT NULL,       -- unix seconds
+        proto         BLOB NOT NULL,       -- tlserve.v1.VariantProfile
+        PRIMARY KEY (model_name, model_version, variant),
+        FOREIGN KEY (model_name, model_version) REFERENCES models (name, version) ON DELETE CASCADE
+    );
+    """,
 )
 
 

@@ -29,6 +29,14 @@ def artifact_variant(artifact: pb.ModelArtifact) -> str:
     return f"onnx-{precision}-{layout}"
 
 
+def variant_order(variant: str) -> tuple[int, int, str]:
+    """Sort key of artifact variants: PyTorch, then ONNX fp32, fp16, int8 (float layout first)."""
+    if variant == PYTORCH_VARIANT:
+        return (0, 0, "")
+    _, precision, layout = (variant.split("-", 2) + ["", ""])[:3]
+    return (1, {"fp32": 0, "fp16": 1, "int8": 2}.get(precision, 3), "" if layout == "float_nchw" else layout)
+
+
 def model_dir(name: str, version: int) -> str:
     """Artifact-store directory of one model version."""
     return f"models/{name}/{version}"
@@ -100,7 +108,55 @@ class ModelStore:
         row = self._store.query("SELECT proto FROM models WHERE name = ? AND version = ?", (name, version))[0]
         model = pb.Model.FromString(row["proto"])
         model.artifacts.extend(a for a, _ in self.artifacts(name, version))
+        profiles = self.profiles(name, version)
+        if profiles:
+            model.profile.model.name, model.profile.model.version = name, version
+            model.profile.variants.extend(p for _, p in profiles)
+            model.profile.time.CopyFrom(max((p.time for _, p in profiles), key=lambda t: (t.seconds, t.nanos)))
         return model
+
+    def put_profile(self, name: str, version: int, variant: str, profile: pb.VariantProfile) -> None:
+        """Stores the latest measurement of one artifact variant, replacing an earlier one.
+
+        A model version deleted meanwhile is not an error: the measurement is dropped."""
+        with self._store.transaction() as conn:
+            if conn.execute("SELECT 1 FROM models WHERE name = ? AND version = ?", (name, version)).fetchone():
+                conn.execute(
+                    "INSERT OR REPLACE INTO profiles (model_name, model_version, variant, time, proto)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (name, version, variant, time.time(), profile.SerializeToString()),
+                )
+
+    def profiles(self, name: str, version: int) -> list[tuple[str, pb.VariantProfile]]:
+        """(artifact variant, latest measurement) of one model version, by variant."""
+        rows = self._store.query(
+            "SELECT variant, proto FROM profiles WHERE model_name = ? AND model_version = ? ORDER BY variant",
+            (name, version),
+        )
+        return sorted(((r["variant"], pb.VariantProfile.FromString(r["proto"])) for r in rows),
+                      key=lambda item: variant_order(item[0]))
+
+    def all_profiles(self) -> list[tuple[str, int, str, pb.VariantProfile]]:
+        """(name, version, artifact variant, measurement) of every stored profile."""
+        rows = self._store.query(
+            "SELECT model_name, model_version, variant, proto FROM profiles ORDER BY model_name, model_version, variant"
+        )
+        return [
+            (r["model_name"], r["model_version"], r["variant"], pb.VariantProfile.FromString(r["proto"])) for r in rows
+        ]
+
+    def summaries(self) -> list[tuple[pb.Model, list[tuple[str, pb.ModelArtifact]]]]:
+        """Every model version with its artifacts by variant, in one read: what the
+        metrics collector exports at each scrape."""
+        models = {
+            (r["name"], r["version"]): (pb.Model.FromString(r["proto"]), [])
+            for r in self._store.query("SELECT name, version, proto FROM models ORDER BY name, version")
+        }
+        for r in self._store.query("SELECT model_name, model_version, variant, proto FROM artifacts ORDER BY variant"):
+            entry = models.get((r["model_name"], r["model_version"]))
+            if entry is not None:
+                entry[1].append((r["variant"], pb.ModelArtifact.FromString(r["proto"])))
+        return list(models.values())
 
     def artifacts(self, name: str, version: int) -> list[tuple[pb.ModelArtifact, str]]:
         rows = self._store.query(

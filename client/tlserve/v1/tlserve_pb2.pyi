@@ -785,7 +785,7 @@ class ModelArtifact(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., format: _Optional[_Union[ArtifactFormat, str]] = ..., precision: _Optional[_Union[Precision, str]] = ..., input_format: _Optional[_Union[InputFormat, str]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., opset: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., has_embedding: _Optional[bool] = ..., parity: _Optional[_Union[ParityReport, _Mapping]] = ..., test_top1_accuracy: _Optional[float] = ..., accuracy_delta_points: _Optional[float] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "version", "create_time", "backbone", "class_names", "preprocessing", "lineage", "job_id", "val_metrics", "test_metrics", "decision", "parameter_count", "gflops", "artifacts", "labels")
+    __slots__ = ("name", "version", "create_time", "backbone", "class_names", "preprocessing", "lineage", "job_id", "val_metrics", "test_metrics", "decision", "parameter_count", "gflops", "artifacts", "labels", "profile")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -808,6 +808,7 @@ class Model(_message.Message):
     GFLOPS_FIELD_NUMBER: _ClassVar[int]
     ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     create_time: _timestamp_pb2.Timestamp
@@ -823,7 +824,8 @@ class Model(_message.Message):
     gflops: float
     artifacts: _containers.RepeatedCompositeFieldContainer[ModelArtifact]
     labels: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., backbone: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., job_id: _Optional[str] = ..., val_metrics: _Optional[_Union[EvaluationReport, _Mapping]] = ..., test_metrics: _Optional[_Union[EvaluationReport, _Mapping]] = ..., decision: _Optional[_Union[StrategyDecision, _Mapping]] = ..., parameter_count: _Optional[int] = ..., gflops: _Optional[float] = ..., artifacts: _Optional[_Iterable[_Union[ModelArtifact, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    profile: ModelProfile
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., backbone: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., preprocessing: _Optional[_Union[Preprocessing, _Mapping]] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., job_id: _Optional[str] = ..., val_metrics: _Optional[_Union[EvaluationReport, _Mapping]] = ..., test_metrics: _Optional[_Union[EvaluationReport, _Mapping]] = ..., decision: _Optional[_Union[StrategyDecision, _Mapping]] = ..., parameter_count: _Optional[int] = ..., gflops: _Optional[float] = ..., artifacts: _Optional[_Iterable[_Union[ModelArtifact, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., profile: _Optional[_Union[ModelProfile, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ("name", "latest_only", "page_size", "page_token")
@@ -950,7 +952,7 @@ class ProfileModelRequest(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., variants: _Optional[_Iterable[_Union[Variant, _Mapping]]] = ..., batch_size: _Optional[int] = ..., iterations: _Optional[int] = ..., measure_accuracy: _Optional[bool] = ...) -> None: ...
 
 class VariantProfile(_message.Message):
-    __slots__ = ("variant", "latency_p50_seconds", "latency_p95_seconds", "latency_p99_seconds", "batch_size", "throughput_images_per_second", "peak_memory_bytes", "size_bytes", "parameter_count", "gflops", "test_top1_accuracy", "device")
+    __slots__ = ("variant", "latency_p50_seconds", "latency_p95_seconds", "latency_p99_seconds", "batch_size", "throughput_images_per_second", "peak_memory_bytes", "size_bytes", "parameter_count", "gflops", "test_top1_accuracy", "device", "time", "iterations", "load_seconds", "accuracy_measured", "test_image_count")
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     LATENCY_P50_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LATENCY_P95_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -963,6 +965,11 @@ class VariantProfile(_message.Message):
     GFLOPS_FIELD_NUMBER: _ClassVar[int]
     TEST_TOP1_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_MEASURED_FIELD_NUMBER: _ClassVar[int]
+    TEST_IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
     variant: Variant
     latency_p50_seconds: float
     latency_p95_seconds: float
@@ -975,7 +982,12 @@ class VariantProfile(_message.Message):
     gflops: float
     test_top1_accuracy: float
     device: str
-    def __init__(self, variant: _Optional[_Union[Variant, _Mapping]] = ..., latency_p50_seconds: _Optional[float] = ..., latency_p95_seconds: _Optional[float] = ..., latency_p99_seconds: _Optional[float] = ..., batch_size: _Optional[int] = ..., throughput_images_per_second: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ..., size_bytes: _Optional[int] = ..., parameter_count: _Optional[int] = ..., gflops: _Optional[float] = ..., test_top1_accuracy: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
+    time: _timestamp_pb2.Timestamp
+    iterations: int
+    load_seconds: float
+    accuracy_measured: bool
+    test_image_count: int
+    def __init__(self, variant: _Optional[_Union[Variant, _Mapping]] = ..., latency_p50_seconds: _Optional[float] = ..., latency_p95_seconds: _Optional[float] = ..., latency_p99_seconds: _Optional[float] = ..., batch_size: _Optional[int] = ..., throughput_images_per_second: _Optional[float] = ..., peak_memory_bytes: _Optional[int] = ..., size_bytes: _Optional[int] = ..., parameter_count: _Optional[int] = ..., gflops: _Optional[float] = ..., test_top1_accuracy: _Optional[float] = ..., device: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., iterations: _Optional[int] = ..., load_seconds: _Optional[float] = ..., accuracy_measured: _Optional[bool] = ..., test_image_count: _Optional[int] = ...) -> None: ...
 
 class ModelProfile(_message.Message):
     __slots__ = ("model", "time", "variants")
@@ -988,36 +1000,60 @@ class ModelProfile(_message.Message):
     def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., variants: _Optional[_Iterable[_Union[VariantProfile, _Mapping]]] = ...) -> None: ...
 
 class CompareBackbonesRequest(_message.Message):
-    __slots__ = ("dataset", "backbones", "max_images_per_class")
+    __slots__ = ("dataset", "backbones", "max_images_per_class", "weights", "image_size")
     DATASET_FIELD_NUMBER: _ClassVar[int]
     BACKBONES_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGES_PER_CLASS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     dataset: str
     backbones: _containers.RepeatedScalarFieldContainer[str]
     max_images_per_class: int
-    def __init__(self, dataset: _Optional[str] = ..., backbones: _Optional[_Iterable[str]] = ..., max_images_per_class: _Optional[int] = ...) -> None: ...
+    weights: str
+    image_size: int
+    def __init__(self, dataset: _Optional[str] = ..., backbones: _Optional[_Iterable[str]] = ..., max_images_per_class: _Optional[int] = ..., weights: _Optional[str] = ..., image_size: _Optional[int] = ...) -> None: ...
 
 class BackboneComparison(_message.Message):
-    __slots__ = ("backbone", "probe_accuracy", "latency_p50_seconds", "parameter_count", "gflops", "file_size_bytes")
+    __slots__ = ("backbone", "probe_accuracy", "latency_p50_seconds", "parameter_count", "gflops", "file_size_bytes", "weights", "image_size", "feature_dim", "feature_seconds", "device")
     BACKBONE_FIELD_NUMBER: _ClassVar[int]
     PROBE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     LATENCY_P50_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
     GFLOPS_FIELD_NUMBER: _ClassVar[int]
     FILE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_DIM_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     backbone: str
     probe_accuracy: float
     latency_p50_seconds: float
     parameter_count: int
     gflops: float
     file_size_bytes: int
-    def __init__(self, backbone: _Optional[str] = ..., probe_accuracy: _Optional[float] = ..., latency_p50_seconds: _Optional[float] = ..., parameter_count: _Optional[int] = ..., gflops: _Optional[float] = ..., file_size_bytes: _Optional[int] = ...) -> None: ...
+    weights: str
+    image_size: int
+    feature_dim: int
+    feature_seconds: float
+    device: str
+    def __init__(self, backbone: _Optional[str] = ..., probe_accuracy: _Optional[float] = ..., latency_p50_seconds: _Optional[float] = ..., parameter_count: _Optional[int] = ..., gflops: _Optional[float] = ..., file_size_bytes: _Optional[int] = ..., weights: _Optional[str] = ..., image_size: _Optional[int] = ..., feature_dim: _Optional[int] = ..., feature_seconds: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
 
 class CompareBackbonesResponse(_message.Message):
-    __slots__ = ("results",)
+    __slots__ = ("results", "dataset_id", "class_count", "chance_accuracy", "train_image_count", "val_image_count")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    CLASS_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CHANCE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    VAL_IMAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[BackboneComparison]
-    def __init__(self, results: _Optional[_Iterable[_Union[BackboneComparison, _Mapping]]] = ...) -> None: ...
+    dataset_id: str
+    class_count: int
+    chance_accuracy: float
+    train_image_count: int
+    val_image_count: int
+    def __init__(self, results: _Optional[_Iterable[_Union[BackboneComparison, _Mapping]]] = ..., dataset_id: _Optional[str] = ..., class_count: _Optional[int] = ..., chance_accuracy: _Optional[float] = ..., train_image_count: _Optional[int] = ..., val_image_count: _Optional[int] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "dtype", "data")

@@ -1,0 +1,149 @@
+"""ProfileModel through the client against a live server: a real model's variants
+measured on this machine, stored with the model, and every bad input refused
+with the status a user can act on while the server keeps serving.
+
+The model is `tests/modelfactory.published_model` (resnet18 at 32 px, three
+procedural shapes), exported here in FP32 and INT8.
+"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+import client as tlclient
+from client.tlserve.v1 import tlserve_pb2 as pb
+from service.manifest import Manifest
+from tests.modelfactory import published_model
+from tests.serverproc import ServerProcess
+
+ITERATIONS = 12
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    home = tmp_path_factory.mktemp("profile") / "home"
+    settings, model = published_model(home)
+    return home, settings, model
+
+
+@pytest.fixture(scope="module")
+def server(made):
+    home, settings, _ = made
+    server = ServerProcess(home, "--data-root", str(settings.data_root), "--inference-threads", "1").start()
+    yield server
+    assert server.terminate() == 0, server.log()
+
+
+@pytest.fixture(scope="module")
+def tl(server):
+    with tlclient.Client(server.address, timeout=300) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def pytorch_only(tl):
+    """A profile taken before any export: the PyTorch variant alone."""
+    return tl.profile_model("shapes", iterations=ITERATIONS, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def exported(tl, pytorch_only):
+    fp32 = tl.export_model("shapes", precision="fp32")
+    int8 = tl.export_model("shapes", precision="int8")
+    return {"fp32": fp32, "int8": int8}
+
+
+def _check_figures(v: pb.VariantProfile, batch_size: int) -> None:
+    assert 0 < v.latency_p50_seconds <= v.latency_p95_seconds <= v.latency_p99_seconds < 5
+    assert v.batch_size == batch_size and v.throughput_images_per_second > 0
+    assert v.iterations == ITERATIONS
+    assert v.peak_memory_bytes > 0 and v.load_seconds > 0
+    assert v.device == "cpu"
+    assert v.time.seconds > 0
+
+
+def test_a_model_not_yet_exported_is_profiled_on_pytorch(pytorch_only, made):
+    _, _, model = made
+    (v,) = pytorch_only.variants
+    assert (v.variant.runtime, v.variant.precision) == (pb.RUNTIME_PYTORCH, pb.PRECISION_FP32)
+    _check_figures(v, 4)
+    assert v.parameter_count == model.parameter_count > 0
+    assert v.gflops == pytest.approx(model.gflops) and v.gflops > 0
+    pytorch_artifact = next(a for a in model.artifacts if a.format == pb.ARTIFACT_FORMAT_PYTORCH)
+    assert v.size_bytes == pytorch_artifact.size_bytes
+    # Accuracy not asked for: the figure stored at training time, said so.
+    assert not v.accuracy_measured
+    assert v.test_top1_accuracy == pytest.approx(model.test_metrics.top1_accuracy)
+
+
+def test_every_variant_is_profiled_and_stored_with_the_model(tl, exported):
+    profile = tl.profile_model("shapes", iterations=ITERATIONS, batch_size=8)
+    kinds = [(v.variant.runtime, v.variant.precision) for v in profile.variants]
+    assert kinds == [(pb.RUNTIME_PYTORCH, pb.PRECISION_FP32), (pb.RUNTIME_ONNX, pb.PRECISION_FP32),
+                     (pb.RUNTIME_ONNX, pb.PRECISION_INT8)]
+    for v in profile.variants:
+        _check_figures(v, 8)
+    _, onnx32, onnx8 = profile.variants
+    assert onnx32.size_bytes == exported["fp32"].size_bytes
+    assert onnx8.size_bytes == exported["int8"].size_bytes < onnx32.size_bytes
+    assert onnx8.test_top1_accuracy == pytest.approx(exported["int8"].test_top1_accuracy)
+
+    stored = tl.get_model("shapes").profile
+    assert stored.model.name == "shapes" and stored.model.version == 1
+    assert [v.latency_p50_seconds for v in stored.variants] == [v.latency_p50_seconds for v in profile.variants]
+    listed = tl.list_models(name="shapes").models[0].profile
+    assert len(listed.variants) == 3
+
+
+def test_measured_accuracy_matches_the_export_on_the_same_test_images(tl, exported, made):
+    _, settings, model = made
+    profile = tl.profile_model("shapes", variants=[("onnx", "fp32")], iterations=ITERATIONS,
+                               measure_accuracy=True)
+    (v,) = profile.variants
+    manifest = Manifest.load(settings.datasets_dir / model.lineage.dataset_id / "manifest.json")
+    assert v.accuracy_measured and v.test_image_count == len(manifest.samples("test"))
+    # Same images, same runtime, same preprocessing as the export's own measurement.
+    assert v.test_top1_accuracy == pytest.approx(exported["fp32"].test_top1_accuracy)
+    # Re-profiling one variant replaces its stored figures and keeps the others.
+    stored = {(s.variant.runtime, s.variant.precision): s for s in tl.get_model("shapes").profile.variants}
+    assert stored[(pb.RUNTIME_ONNX, pb.PRECISION_FP32)].accuracy_measured
+    assert (pb.RUNTIME_PYTORCH, pb.PRECISION_FP32) in stored
+
+
+@pytest.mark.parametrize(
+    "kwargs, code, words",
+    [
+        ({"model": "nosuch"}, grpc.StatusCode.NOT_FOUND, ["nosuch"]),
+        ({"version": 9}, grpc.StatusCode.NOT_FOUND, ["version 9"]),
+        ({"batch_size": -1}, grpc.StatusCode.INVALID_ARGUMENT, ["batch_size", "1..256"]),
+        ({"batch_size": 257}, grpc.StatusCode.INVALID_ARGUMENT, ["batch_size"]),
+        ({"iterations": -5}, grpc.StatusCode.INVALID_ARGUMENT, ["iterations"]),
+        ({"iterations": 10_001}, grpc.StatusCode.INVALID_ARGUMENT, ["iterations"]),
+        ({"variants": [("onnx", "fp16")]}, grpc.StatusCode.FAILED_PRECONDITION, ["ExportModel", "fp16"]),
+        ({"variants": [pb.Variant(runtime=7)]}, grpc.StatusCode.INVALID_ARGUMENT, ["runtime"]),
+    ],
+)
+def test_bad_requests_are_refused_and_nothing_is_stored(tl, exported, kwargs, code, words):
+    before = tl.get_model("shapes").profile
+    args = {"model": "shapes", "iterations": ITERATIONS, **kwargs}
+    with pytest.raises(tlclient.TLServeError) as e:
+        tl.profile_model(args.pop("model"), **args)
+    assert e.value.code == code, e.value.message
+    for word in words:
+        assert word in e.value.message
+    assert tl.get_model("shapes").profile == before
+    assert tl.health() == "SERVING"
+
+
+def test_a_measurement_of_a_version_deleted_meanwhile_is_dropped(tl, made):
+    from service.store.artifacts import ArtifactStore
+    from service.store.metadata import MetadataStore
+    from service.store.models import ModelStore
+
+    _, settings, _ = made
+    store = ModelStore(MetadataStore(settings.database_path), ArtifactStore(settings.artifacts_dir))
+    assert store.profiles("shapes", 1)
+    # A measurement for a version that is gone is dropped, not an error.
+    store.put_profile("shapes", 99, "pytorch", pb.VariantProfile(latency_p50_seconds=0.001))
+    assert store.profiles("shapes", 99) == []

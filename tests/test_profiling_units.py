@@ -1,0 +1,98 @@
+"""Pure parts of profiling: percentiles, timing, peak memory, and stored profiles."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from client.tlserve.v1 import tlserve_pb2 as pb
+from service.profiling import measure
+from service.store.artifacts import ArtifactStore
+from service.store.metadata import MetadataStore
+from service.store.models import ModelStore, variant_order
+
+
+def test_percentiles_interpolate_between_ranks_like_numpy():
+    samples = [5.0, 1.0, 3.0, 2.0, 4.0, 10.0, 7.0]
+    for q in (0, 25, 50, 95, 99, 100):
+        assert measure.percentile(samples, q) == pytest.approx(np.percentile(samples, q))
+    assert measure.percentile([1.0, 2.0], 50) == 1.5
+    assert measure.percentile([4.0], 99) == 4.0
+    with pytest.raises(ValueError):
+        measure.percentile([], 50)
+    with pytest.raises(ValueError):
+        measure.percentile([1.0], 101)
+
+
+def test_latency_summary():
+    lat = measure.Latency.of([0.001 * i for i in range(1, 101)])
+    assert lat.count == 100
+    assert lat.p50 == pytest.approx(0.0505)
+    assert lat.p95 == pytest.approx(0.09505)
+    assert lat.p99 == pytest.approx(0.09901)
+    assert lat.mean == pytest.approx(0.0505)
+
+
+def test_time_calls_runs_warmup_untimed_then_times_each_call():
+    calls = []
+    samples = measure.time_calls(lambda: (calls.append(1), time.sleep(0.002)), iterations=4, warmup=2)
+    assert len(calls) == 6 and len(samples) == 4
+    assert all(0.0015 < s < 0.5 for s in samples)
+    with pytest.raises(ValueError):
+        measure.time_calls(lambda: None, iterations=0)
+
+
+def test_peak_memory_sees_an_allocation_that_is_freed_before_the_block_ends():
+    with measure.PeakMemory() as peak:
+        block = np.ones(64 * 1024 * 1024, dtype=np.uint8)  # 64 MiB, touched
+        del block
+    assert peak.bytes >= 60 * 1024 * 1024, (peak.bytes, peak.exact)
+    assert peak.bytes < 200 * 1024 * 1024
+    with measure.PeakMemory() as quiet:
+        pass
+    assert quiet.bytes < 16 * 1024 * 1024
+
+
+def test_peak_memory_falls_back_to_sampling(monkeypatch):
+    monkeypatch.setattr(measure, "_reset_peak", lambda: False)
+    with measure.PeakMemory() as peak:
+        block = np.ones(64 * 1024 * 1024, dtype=np.uint8)
+        time.sleep(0.05)  # the sampler looks every millisecond
+        del block
+    assert not peak.exact
+    assert peak.bytes >= 60 * 1024 * 1024
+
+
+def test_variants_sort_pytorch_first_then_by_precision():
+    variants = ["onnx-int8-float_nchw", "pytorch", "onnx-fp16-float_nchw", "onnx-fp32-uint8_nhwc",
+                "onnx-fp32-float_nchw"]
+    assert sorted(variants, key=variant_order) == [
+        "pytorch", "onnx-fp32-float_nchw", "onnx-fp32-uint8_nhwc", "onnx-fp16-float_nchw", "onnx-int8-float_nchw",
+    ]
+
+
+def test_profiles_are_stored_per_variant_and_go_with_their_model(tmp_path):
+    store = ModelStore(MetadataStore(tmp_path / "db.sqlite"), ArtifactStore(tmp_path / "artifacts"))
+    store.publish(pb.Model(name="m", version=1, backbone="resnet18", class_names=["a", "b"]), [])
+    first = pb.VariantProfile(latency_p50_seconds=0.004)
+    first.time.FromSeconds(100)
+    store.put_profile("m", 1, "onnx-int8-float_nchw", first)
+    second = pb.VariantProfile(latency_p50_seconds=0.009)
+    second.time.FromSeconds(200)
+    store.put_profile("m", 1, "pytorch", second)
+    replaced = pb.VariantProfile(latency_p50_seconds=0.003)
+    replaced.time.FromSeconds(150)
+    store.put_profile("m", 1, "onnx-int8-float_nchw", replaced)
+
+    model = store.get("m")
+    assert [v.latency_p50_seconds for v in model.profile.variants] == [0.009, 0.003]
+    assert model.profile.time.seconds == 200
+    assert (model.profile.model.name, model.profile.model.version) == ("m", 1)
+    assert [(n, v, var) for n, v, var, _ in store.all_profiles()] == [
+        ("m", 1, "onnx-int8-float_nchw"), ("m", 1, "pytorch"),
+    ]
+
+    store.delete(pb.ModelRef(name="m", version=1), all_versions=False)
+    assert store.all_profiles() == []
