@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[server,dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[server,dev,report]'
 	touch $@
 
 test: setup

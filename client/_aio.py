@@ -360,10 +360,16 @@ class AsyncClient:
         backbones: Iterable[str] = (),
         *,
         max_images_per_class: int = 0,
+        weights: str = "",
+        image_size: int = 0,
         timeout: float | None = None,
     ) -> pb.CompareBackbonesResponse:
         request = pb.CompareBackbonesRequest(
-            dataset=dataset, backbones=list(backbones), max_images_per_class=max_images_per_class
+            dataset=dataset,
+            backbones=list(backbones),
+            max_images_per_class=max_images_per_class,
+            weights=weights,
+            image_size=image_size,
         )
         return await self._unary("CompareBackbones", request, timeout)
 

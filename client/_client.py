@@ -376,11 +376,19 @@ class Client:
         backbones: Iterable[str] = (),
         *,
         max_images_per_class: int = 0,
+        weights: str = "",
+        image_size: int = 0,
         timeout: float | None = None,
     ) -> pb.CompareBackbonesResponse:
-        """Linear-probe accuracy and cost of several backbones on one dataset."""
+        """Linear-probe accuracy and cost of several backbones on one dataset; `weights` is
+        "DEFAULT" (the server's cached pretrained weights) or "NONE", `image_size` 0 each
+        backbone's own."""
         request = pb.CompareBackbonesRequest(
-            dataset=dataset, backbones=list(backbones), max_images_per_class=max_images_per_class
+            dataset=dataset,
+            backbones=list(backbones),
+            max_images_per_class=max_images_per_class,
+            weights=weights,
+            image_size=image_size,
         )
         return self._unary("CompareBackbones", request, timeout)
 

@@ -17,6 +17,7 @@ client install needs no server dependencies.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -31,6 +32,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from client import report
 from client._client import Client
 from client._common import (
     TLServeError,
@@ -641,33 +643,152 @@ def cmd_models_delete(tl: Client, args: argparse.Namespace) -> int:
     return 0
 
 
-REPORT_HEADERS = ["model", "runtime", "precision", "device", "p50 ms", "p95 ms", "batch", "img/s",
-                  "peak mem", "size", "params (M)", "GFLOPs", "test top-1"]
+REPORT_HEADERS = report.TABLE_HEADERS
 
 
 def profile_rows(profile: pb.ModelProfile) -> list[list[Any]]:
-    return [
-        [format_model_ref(profile.model) if profile.model.version else profile.model.name,
-         enum_label(pb.Runtime, v.variant.runtime), enum_label(pb.Precision, v.variant.precision), v.device or "-",
-         f"{v.latency_p50_seconds * 1e3:.2f}", f"{v.latency_p95_seconds * 1e3:.2f}", v.batch_size,
-         f"{v.throughput_images_per_second:.1f}", human_bytes(v.peak_memory_bytes), human_bytes(v.size_bytes),
-         millions(v.parameter_count), gflops(v.gflops),
-         percent(v.test_top1_accuracy) if v.test_top1_accuracy else "-"]
-        for v in profile.variants
-    ]
+    """Rows (REPORT_HEADERS) of one model's profile, its Pareto members marked."""
+    return report.table_rows(report.points_from_profile(profile))
+
+
+def _stored_profile(model: pb.Model, args: argparse.Namespace) -> pb.ModelProfile | None:
+    """The model's stored profile when it answers what this report asks, else None (measure again):
+    not with --remeasure, nor when it lacks measured accuracy that --measure-accuracy asks for,
+    was taken at another --batch-size, or misses an ONNX precision exported since."""
+    stored = model.profile
+    if args.remeasure or not stored.variants:
+        return None
+    if args.measure_accuracy and not all(v.accuracy_measured for v in stored.variants):
+        return None
+    if args.batch_size and any(v.batch_size != args.batch_size for v in stored.variants):
+        return None
+    exported = {a.precision or pb.PRECISION_FP32 for a in model.artifacts if a.format != pb.ARTIFACT_FORMAT_PYTORCH}
+    profiled = {v.variant.precision or pb.PRECISION_FP32 for v in stored.variants
+                if v.variant.runtime != pb.RUNTIME_PYTORCH}
+    if exported - profiled:
+        return None
+    profile = pb.ModelProfile()
+    profile.CopyFrom(stored)
+    profile.model.name, profile.model.version = model.name, model.version
+    return profile
+
+
+def _report_budget(args: argparse.Namespace) -> report.Budget:
+    mib = 1024 * 1024
+    return report.Budget(
+        max_latency_seconds=args.max_latency_ms / 1e3 if args.max_latency_ms is not None else None,
+        max_size_bytes=int(args.max_size_mb * mib) if args.max_size_mb is not None else None,
+        max_memory_bytes=int(args.max_memory_mb * mib) if args.max_memory_mb is not None else None,
+    )
+
+
+def _comparison_note(comparison: pb.CompareBackbonesResponse) -> str:
+    return (f"Backbone probes: dataset {comparison.dataset_id}, {comparison.class_count} classes "
+            f"(chance {percent(comparison.chance_accuracy)}), {comparison.train_image_count} training and "
+            f"{comparison.val_image_count} validation images.")
 
 
 def cmd_report(tl: Client, args: argparse.Namespace) -> int:
-    refs = args.models or [
-        pb.ModelRef(name=m.name, version=m.version)
-        for m in all_pages(lambda **kw: tl.list_models(latest_only=True, timeout=args.timeout, **kw), "models")
+    """Profiles (stored, or measured now), optional backbone probes, one table, a recommendation
+    within the budget, and report.png + report.html under --out. Exit 1 when the chart was
+    wanted and matplotlib is missing (the table is still printed)."""
+    if not args.compare_backbones and (args.backbones or args.weights or args.max_images_per_class
+                                       or args.image_size):
+        print("tlserve: error: --backbones, --weights, --max-images-per-class and --image-size "
+              "go with --compare-backbones DATASET", file=sys.stderr)
+        return 2
+    budget = _report_budget(args)
+    long_timeout = timeout_of(args, long=True)
+    chatty = not args.json and sys.stderr.isatty()  # profiling takes minutes: say what is going on
+
+    profiles: list[pb.ModelProfile] = []
+    if args.models or not args.compare_backbones:
+        if args.models:
+            models = [tl.get_model(ref, timeout=args.timeout) for ref in args.models]
+        else:
+            models = all_pages(lambda **kw: tl.list_models(latest_only=True, timeout=args.timeout, **kw), "models")
+        for m in models:
+            profile = _stored_profile(m, args)
+            if profile is None:
+                if chatty:
+                    print(f"profiling {m.name}:{m.version} ...", file=sys.stderr, flush=True)
+                profile = tl.profile_model(
+                    pb.ModelRef(name=m.name, version=m.version), batch_size=args.batch_size,
+                    measure_accuracy=args.measure_accuracy, timeout=long_timeout,
+                )
+            profiles.append(profile)
+    comparison: pb.CompareBackbonesResponse | None = None
+    if args.compare_backbones:
+        if chatty:
+            print(f"comparing backbones on {args.compare_backbones} ...", file=sys.stderr, flush=True)
+        comparison = tl.compare_backbones(
+            args.compare_backbones, args.backbones, max_images_per_class=args.max_images_per_class,
+            weights=args.weights, image_size=args.image_size, timeout=long_timeout,
+        )
+
+    model_points = [pt for p in profiles for pt in report.points_from_profile(p)]
+    backbone_points = report.points_from_comparison(comparison) if comparison is not None else []
+    points = model_points + backbone_points
+    front = report.pareto_front(points)
+    # Deployable variants and backbones to fine-tune are different choices: one recommendation
+    # each; the first is the one on the chart.
+    recommendations = [
+        report.recommend(pool, max_latency_seconds=budget.max_latency_seconds,
+                         max_size_bytes=budget.max_size_bytes, max_memory_bytes=budget.max_memory_bytes)
+        for pool in (model_points, backbone_points) if pool and budget.given
     ]
-    profiles = [
-        tl.profile_model(ref, batch_size=args.batch_size, timeout=timeout_of(args, long=True)) for ref in refs
-    ]
-    rows = [row for p in profiles for row in profile_rows(p)]
-    emit(args, {"profiles": [to_dict(p) for p in profiles]},
-         lambda: render_table(REPORT_HEADERS, rows) if rows else "no models to profile")
+    recommendation = recommendations[0] if recommendations else None
+    backbone_recommendation = recommendations[1] if len(recommendations) > 1 else None
+
+    title_parts = [", ".join(format_model_ref(p.model) for p in profiles)] if profiles else []
+    if comparison is not None:
+        title_parts.append(f"backbone probes on {args.compare_backbones}")
+    title = "tlserve report: " + "; ".join(title_parts)
+    notes = []
+    if comparison is not None:
+        notes.append(_comparison_note(comparison))
+    if backbone_recommendation is not None:
+        notes.append(f"Among the backbone probes: {backbone_recommendation.reason}")
+
+    def human_table() -> str:
+        if not points:
+            return "no backbones compared" if comparison is not None else "no models to report"
+        lines = [render_table(REPORT_HEADERS, report.table_rows(points, front))]
+        if recommendation is not None:
+            lines += ["", f"recommendation: {recommendation.reason}"]
+        if backbone_recommendation is not None:
+            lines.append(f"among the backbone probes: {backbone_recommendation.reason}")
+        return "\n".join(lines)
+
+    if not args.json:
+        print(human_table(), flush=True)  # before the files: the measurements outlive a write error
+    files: report.ReportFiles | None = None
+    chart_error = ""
+    if points and not args.no_chart:
+        try:
+            files = report.write_report(
+                points, args.out, title=title, recommendation=recommendation,
+                budget=budget if budget.given else None, notes=notes,
+                chance_accuracy=comparison.chance_accuracy if comparison is not None else None,
+            )
+        except report.ChartUnavailable as err:
+            chart_error = f"{err} (or --no-chart for the table alone)"
+    if args.json:
+        print(json.dumps({
+            "profiles": [to_dict(p) for p in profiles],
+            "comparison": to_dict(comparison) if comparison is not None else None,
+            "points": [dict(p.to_dict(), pareto=p in front) for p in points],
+            "budget": dataclasses.asdict(budget),
+            "recommendation": recommendation.to_dict() if recommendation else None,
+            "backbone_recommendation": backbone_recommendation.to_dict() if backbone_recommendation else None,
+            "files": {"png": files.png, "html": files.html} if files else None,
+            "chart_error": chart_error or None,
+        }, indent=2))
+    elif files is not None:
+        print(f"\nchart: {files.png}\npage:  {files.html}")
+    if chart_error:
+        print(f"tlserve: error: {chart_error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -687,8 +808,21 @@ def _arg_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
+def _csv(text: str) -> list[str]:
+    """"a, b,,c" → ["a", "b", "c"]."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or math.isinf(value):
+        raise ValueError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 model_arg = _arg_type(parse_model_ref)
 weights_arg = _arg_type(parse_weights)
+positive_float = _arg_type(_positive_float)
 
 
 def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -818,10 +952,38 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", type=model_arg, metavar="MODEL[:V]")
     q.add_argument("--all-versions", action="store_true", help="with MODEL alone: delete every version")
 
-    p = command("report", cmd_report, "profile models (latency, throughput, memory, size) in a table")
+    p = command("report", cmd_report,
+                "trade-offs per model variant (latency, size, memory, accuracy): a table, a chart and a page")
     p.add_argument("models", nargs="*", type=model_arg, metavar="MODEL[:V]",
-                   help="models to profile (default: the latest version of each)")
-    p.add_argument("--batch-size", type=int, default=0, help="batch size of the throughput figure (server default 32)")
+                   help="models to report (default: the latest version of each; none with --compare-backbones)")
+    p.add_argument("--remeasure", action="store_true",
+                   help="profile again even where the model has a stored profile")
+    p.add_argument("--batch-size", type=int, default=0, metavar="N",
+                   help="batch size of the throughput figure (server default 32); a stored profile taken at "
+                        "another batch size is measured again")
+    p.add_argument("--measure-accuracy", action="store_true",
+                   help="measure each variant's test accuracy while profiling (else the figures stored at "
+                        "training and export time)")
+    g = p.add_argument_group("backbone comparison (linear probes on frozen features, before fine-tuning)")
+    g.add_argument("--compare-backbones", metavar="DATASET", help="dataset id or name to probe the backbones on")
+    g.add_argument("--backbones", type=_csv, default=[], metavar="A,B,C",
+                   help="candidate backbones (default: the server's small set)")
+    g.add_argument("--weights", type=str.upper, choices=["DEFAULT", "NONE"], default="",
+                   help="DEFAULT: each backbone's pretrained weights from the server's cache (the default); "
+                        "NONE: random initialisation")
+    g.add_argument("--max-images-per-class", type=int, default=0, metavar="N",
+                   help="cap on training images per class for the probes (default: all)")
+    g.add_argument("--image-size", type=int, default=0, metavar="N",
+                   help="input side in pixels (default: each backbone's own)")
+    g = p.add_argument_group("budget (recommend the most accurate variant within it)")
+    g.add_argument("--max-latency-ms", type=positive_float, metavar="MS", help="batch-1 p50 latency")
+    g.add_argument("--max-size-mb", type=positive_float, metavar="MB", help="model file size (MiB)")
+    g.add_argument("--max-memory-mb", type=positive_float, metavar="MB", help="peak memory while serving (MiB)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="tlserve-report", metavar="DIR",
+                   help="directory for report.png and report.html (default: tlserve-report)")
+    g.add_argument("--no-chart", action="store_true",
+                   help="print the table only; write no files (needs no matplotlib)")
     return parser
 
 

@@ -53,21 +53,14 @@ def test_info_names_the_devices(live_server):
     assert "cpu" in result.stdout and "2.14" in result.stdout
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        ("report", "m"),
-    ],
-    ids=lambda a: a[0],
-)
-def test_commands_whose_rpc_is_not_built_print_the_servers_message(live_server, args):
-    result = tlserve("--address", live_server.address, *args)
+def test_report_of_an_unknown_model_is_one_line_naming_it(live_server, tmp_path):
+    result = tlserve("--address", live_server.address, "report", "nosuch", "--out", str(tmp_path / "r"))
     assert result.returncode == 1
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
-    assert lines[0].startswith("tlserve: error: UNIMPLEMENTED: ")
-    assert "is not available in this tlserve server yet" in lines[0]
+    assert lines[0].startswith("tlserve: error: NOT_FOUND: ") and "nosuch" in lines[0]
+    assert not (tmp_path / "r").exists()
 
 
 def test_unreachable_server_is_one_line_naming_the_address():

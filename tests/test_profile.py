@@ -54,6 +54,12 @@ def exported(tl, pytorch_only):
     return {"fp32": fp32, "int8": int8}
 
 
+@pytest.fixture(scope="module")
+def profiled(tl, exported):
+    """Every variant profiled once the model is exported."""
+    return tl.profile_model("shapes", iterations=ITERATIONS, batch_size=8)
+
+
 def _check_figures(v: pb.VariantProfile, batch_size: int) -> None:
     assert 0 < v.latency_p50_seconds <= v.latency_p95_seconds <= v.latency_p99_seconds < 5
     assert v.batch_size == batch_size and v.throughput_images_per_second > 0
@@ -77,8 +83,8 @@ def test_a_model_not_yet_exported_is_profiled_on_pytorch(pytorch_only, made):
     assert v.test_top1_accuracy == pytest.approx(model.test_metrics.top1_accuracy)
 
 
-def test_every_variant_is_profiled_and_stored_with_the_model(tl, exported):
-    profile = tl.profile_model("shapes", iterations=ITERATIONS, batch_size=8)
+def test_every_variant_is_profiled_and_stored_with_the_model(tl, exported, profiled):
+    profile = profiled
     kinds = [(v.variant.runtime, v.variant.precision) for v in profile.variants]
     assert kinds == [(pb.RUNTIME_PYTORCH, pb.PRECISION_FP32), (pb.RUNTIME_ONNX, pb.PRECISION_FP32),
                      (pb.RUNTIME_ONNX, pb.PRECISION_INT8)]
@@ -96,7 +102,7 @@ def test_every_variant_is_profiled_and_stored_with_the_model(tl, exported):
     assert len(listed.variants) == 3
 
 
-def test_measured_accuracy_matches_the_export_on_the_same_test_images(tl, exported, made):
+def test_measured_accuracy_matches_the_export_on_the_same_test_images(tl, exported, profiled, made):
     _, settings, model = made
     profile = tl.profile_model("shapes", variants=[("onnx", "fp32")], iterations=ITERATIONS,
                                measure_accuracy=True)
@@ -147,3 +153,63 @@ def test_a_measurement_of_a_version_deleted_meanwhile_is_dropped(tl, made):
     # A measurement for a version that is gone is dropped, not an error.
     store.put_profile("shapes", 99, "pytorch", pb.VariantProfile(latency_p50_seconds=0.001))
     assert store.profiles("shapes", 99) == []
+
+
+def _tlserve(server, *args: str, check: bool = True):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tlserve = str(Path(sys.executable).with_name("tlserve"))
+    result = subprocess.run([tlserve, "--address", server.address, "--timeout", "300", *args],
+                            capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_report_uses_the_stored_profile_and_writes_chart_and_page(tl, server, profiled, tmp_path):
+    import json
+
+    from PIL import Image
+
+    stored = tl.get_model("shapes").profile
+    assert len(stored.variants) == 3
+    out = tmp_path / "report"
+    document = json.loads(_tlserve(server, "--json", "report", "shapes", "--out", str(out),
+                                   "--max-size-mb", "10").stdout)
+    # Read back, not measured again: the figures are the stored ones.
+    points = {p["variant"]: p for p in document["points"]}
+    assert set(points) == {"pytorch", "onnx fp32", "onnx int8"}
+    by_kind = {(v.variant.runtime, v.variant.precision): v for v in stored.variants}
+    assert points["onnx int8"]["latency_seconds"] == pytest.approx(
+        by_kind[(pb.RUNTIME_ONNX, pb.PRECISION_INT8)].latency_p50_seconds)
+    # resnet18 is ~45 MB in FP32 and ~11 MB in INT8: a 10 MB budget fits nothing,
+    # and the recommendation says which figure missed.
+    recommendation = document["recommendation"]
+    assert recommendation["point"] is None and "MB" in recommendation["reason"]
+
+    with Image.open(out / "report.png") as png:
+        assert png.format == "PNG" and png.size == (1200, 750)
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and "onnx int8" in page
+    assert "http://" not in page and "https://" not in page
+
+
+def test_report_recommends_the_most_accurate_variant_within_a_size_budget(tl, server, profiled, tmp_path):
+    text = _tlserve(server, "report", "shapes", "--out", str(tmp_path / "r"), "--max-size-mb", "20",
+                    "--no-chart").stdout
+    lines = text.splitlines()
+    # The table: one row per stored variant, figures formatted.
+    assert sum("shapes:1" in line for line in lines) >= 3
+    recommendation = next(line for line in lines if line.startswith("recommendation:"))
+    assert "shapes:1 onnx int8" in recommendation and "20 MB" in recommendation
+    assert not (tmp_path / "r").exists()  # --no-chart writes nothing
+
+
+def test_report_remeasure_profiles_again(tl, server, profiled, tmp_path):
+    before = tl.get_model("shapes").profile
+    _tlserve(server, "report", "shapes", "--remeasure", "--no-chart", "--batch-size", "2")
+    after = tl.get_model("shapes").profile
+    assert all(v.batch_size == 2 for v in after.variants)
+    assert after.time.ToNanoseconds() > before.time.ToNanoseconds()
