@@ -76,13 +76,15 @@ def test_variants_sort_pytorch_first_then_by_precision():
 def test_profiles_are_stored_per_variant_and_go_with_their_model(tmp_path):
     store = ModelStore(MetadataStore(tmp_path / "db.sqlite"), ArtifactStore(tmp_path / "artifacts"))
     store.publish(pb.Model(name="m", version=1, backbone="resnet18", class_names=["a", "b"]), [])
-    first = pb.VariantProfile(latency_p50_seconds=0.004)
+    int8 = pb.Variant(runtime=pb.RUNTIME_ONNX, precision=pb.PRECISION_INT8)
+    first = pb.VariantProfile(latency_p50_seconds=0.004, variant=int8)
     first.time.FromSeconds(100)
     store.put_profile("m", 1, "onnx-int8-float_nchw", first)
-    second = pb.VariantProfile(latency_p50_seconds=0.009)
+    second = pb.VariantProfile(latency_p50_seconds=0.009,
+                               variant=pb.Variant(runtime=pb.RUNTIME_PYTORCH, precision=pb.PRECISION_FP32))
     second.time.FromSeconds(200)
     store.put_profile("m", 1, "pytorch", second)
-    replaced = pb.VariantProfile(latency_p50_seconds=0.003)
+    replaced = pb.VariantProfile(latency_p50_seconds=0.003, variant=int8)
     replaced.time.FromSeconds(150)
     store.put_profile("m", 1, "onnx-int8-float_nchw", replaced)
 
@@ -93,6 +95,13 @@ def test_profiles_are_stored_per_variant_and_go_with_their_model(tmp_path):
     assert [(n, v, var) for n, v, var, _ in store.all_profiles()] == [
         ("m", 1, "onnx-int8-float_nchw"), ("m", 1, "pytorch"),
     ]
+
+    # The same precision measured through another input layout: the latest one is shown.
+    uint8 = pb.VariantProfile(latency_p50_seconds=0.002, variant=int8)
+    uint8.time.FromSeconds(300)
+    store.put_profile("m", 1, "onnx-int8-uint8_nhwc", uint8)
+    store.put_profile("m", 1, "onnx-int8-float_nchw", replaced)
+    assert [v.latency_p50_seconds for v in store.get("m").profile.variants] == [0.009, 0.002]
 
     store.delete(pb.ModelRef(name="m", version=1), all_versions=False)
     assert store.all_profiles() == []

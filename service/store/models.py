@@ -108,7 +108,14 @@ class ModelStore:
         row = self._store.query("SELECT proto FROM models WHERE name = ? AND version = ?", (name, version))[0]
         model = pb.Model.FromString(row["proto"])
         model.artifacts.extend(a for a, _ in self.artifacts(name, version))
-        profiles = self.profiles(name, version)
+        # One row per (runtime, precision), the latest: a variant profiled through its uint8
+        # graph before a float graph existed is not shown twice (VariantProfile has no layout).
+        latest: dict[tuple[int, int], tuple[str, pb.VariantProfile]] = {}
+        for variant, profile in self.profiles(name, version):
+            key = (profile.variant.runtime, profile.variant.precision)
+            if key not in latest or profile.time.ToNanoseconds() > latest[key][1].time.ToNanoseconds():
+                latest[key] = (variant, profile)
+        profiles = sorted(latest.values(), key=lambda item: variant_order(item[0]))
         if profiles:
             model.profile.model.name, model.profile.model.version = name, version
             model.profile.variants.extend(p for _, p in profiles)
