@@ -729,7 +729,7 @@ def cmd_report(tl: Client, args: argparse.Namespace) -> int:
     model_points = [pt for p in profiles for pt in report.points_from_profile(p)]
     backbone_points = report.points_from_comparison(comparison) if comparison is not None else []
     points = model_points + backbone_points
-    front = report.pareto_front(points)
+    front = report.front_members(points)
     # Deployable variants and backbones to fine-tune are different choices: one recommendation
     # each; the first is the one on the chart.
     recommendations = [

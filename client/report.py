@@ -191,6 +191,20 @@ def pareto_front(points: Iterable[Point]) -> list[Point]:
     return sorted(front, key=lambda p: (p.latency_seconds, -(p.accuracy or 0.0)))
 
 
+def fronts(points: Iterable[Point]) -> dict[str, list[Point]]:
+    """The Pareto front of each kind of point. Model variants (test top-1 of a fine-tuned
+    model) and backbone probes (validation top-1 of a linear probe) measure different
+    things, so neither may dominate the other."""
+    points = list(points)
+    kinds = dict.fromkeys(p.kind for p in points)
+    return {kind: pareto_front(p for p in points if p.kind == kind) for kind in kinds}
+
+
+def front_members(points: Sequence[Point]) -> list[Point]:
+    """Every point on its own kind's front (see `fronts`)."""
+    return [p for front in fronts(points).values() for p in front]
+
+
 # --- Formatting -------------------------------------------------------------------
 
 
@@ -421,7 +435,7 @@ TABLE_HEADERS = ["name", "variant", "device", "p50 ms", "p95 ms", "img/s", "batc
 def table_rows(points: Sequence[Point], front: Sequence[Point] | None = None) -> list[list[str]]:
     """One row per point under TABLE_HEADERS; "-" for unknown figures, "yes" for Pareto members
     (of `front`, by default the front of these points)."""
-    front = pareto_front(points) if front is None else front
+    front = front_members(points) if front is None else front
     on_front = {id(p) for p in points if p in front}
 
     def opt(value: Any, fmt: str) -> str:
@@ -575,14 +589,17 @@ def render_png(
         handles.append(ax.scatter([], [], s=60 * scale**2, marker="D", facecolors="none", edgecolors=_BACKBONE_COLOR,
                                   linewidths=1.6, label="backbone probe (frozen features)"))
 
-    front = pareto_front(shown)
-    fx = [xy(p)[0] for p in front]
-    fy = [xy(p)[1] for p in front]
-    (line,) = ax.step(fx, fy, where="post", color=_FRONT_COLOR, linewidth=1.2, linestyle="-", zorder=2,
-                      label="Pareto front")
-    ax.scatter(fx, fy, s=[area(p.size_bytes) + 60 * scale**2 for p in front], facecolors="none",
-               edgecolors=_FRONT_COLOR, linewidths=1.4, zorder=4)
-    handles.append(line)
+    for kind, front in fronts(shown).items():
+        if not front:
+            continue
+        fx = [xy(p)[0] for p in front]
+        fy = [xy(p)[1] for p in front]
+        probes = kind == BACKBONE
+        (line,) = ax.step(fx, fy, where="post", color=_FRONT_COLOR, linewidth=1.2, linestyle="--" if probes else "-",
+                          zorder=2, label="Pareto front (probes)" if probes else "Pareto front")
+        ax.scatter(fx, fy, s=[area(p.size_bytes) + 60 * scale**2 for p in front], facecolors="none",
+                   edgecolors=_FRONT_COLOR, linewidths=1.4, zorder=4)
+        handles.append(line)
 
     for i, p in enumerate(shown):
         # Alternate the side of the label so that neighbours overlap less.
@@ -595,8 +612,11 @@ def render_png(
                                   linewidth=1.2, label=f"latency budget {format_ms(budget.max_latency_seconds)}"))
     if recommended is not None and _plottable(recommended):
         x, y = xy(recommended)
-        handles.append(ax.scatter([x], [y], s=area(recommended.size_bytes) * 1.6 + 300 * scale**2, facecolors="none",
-                                  edgecolors=_BUDGET_COLOR, linewidths=2.2, zorder=6, label="recommended"))
+        ax.scatter([x], [y], s=area(recommended.size_bytes) * 1.6 + 300 * scale**2, facecolors="none",
+                   edgecolors=_BUDGET_COLOR, linewidths=2.2, zorder=6)
+        # The legend's ring at a marker's size, not the (possibly large) ring drawn.
+        handles.append(ax.scatter([], [], s=120 * scale**2, facecolors="none", edgecolors=_BUDGET_COLOR,
+                                  linewidths=2.2, label="recommended"))
     ax.margins(x=0.12, y=0.12)
     if chance_accuracy:
         # Only where it falls inside the points' range: far below good probes it would
@@ -660,7 +680,7 @@ def render_html(
     every string is escaped."""
     e = html.escape
     generated = generated or datetime.now(timezone.utc)
-    front = pareto_front(points)
+    front = front_members(points)
     front_ids = {id(p) for p in front}
     rows = table_rows(points, front)
     chosen = recommendation.point if recommendation else None
