@@ -133,6 +133,7 @@ class TLServeServer:
         # Training workers stop too; their jobs resume from the last checkpoint at the next start.
         await self._runner.stop()
         self._metrics_server.stop()
+        metrics.STORE.detach(self.metadata)
         self.metadata.close()
         log.info("stopped")
 
@@ -216,6 +217,8 @@ async def create_server(settings: Settings) -> TLServeServer:
             "(set --metrics-address or TLSERVE_METRICS_ADDRESS)"
         ) from None
     metrics.BUILD_INFO.labels(version=hardware.versions()["tlserve"], torch_version=hardware.versions()["torch"]).set(1)
+    # Models, profiles and jobs are read from the store at each scrape (detached in `stop`).
+    metrics.STORE.attach(metadata, models, jobs)
     return TLServeServer(settings, server, health_servicer, grpc_port, metrics_server, metadata, artifacts, runner,
                          inference, readiness)
 

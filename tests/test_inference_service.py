@@ -455,5 +455,35 @@ def test_predict_records_prometheus_metrics_per_model_variant(world):
     assert value("tlserve_inference_compute_seconds_count") == 1
     assert value("tlserve_predict_duration_seconds_count") == 1
     assert value("tlserve_inference_queue_requests") == 0
+    assert value("tlserve_inference_model_load_seconds_count") == 1
     assert registry.get_sample_value("tlserve_inference_loaded_models") == 0  # closed
     assert value("tlserve_inference_model_memory_bytes") is None
+
+
+def test_calls_in_flight_are_counted_per_variant_until_they_answer_or_fail(world):
+    registry = prometheus_client.CollectorRegistry()
+    labels = {"model": "shapes", "version": "1", "variant": FLOAT}
+
+    def in_flight() -> float | None:
+        return registry.get_sample_value("tlserve_predict_requests_in_flight", labels)
+
+    async def body(service):
+        seen = set()
+        # The first call loads the model (tens of milliseconds at least): it is in flight meanwhile.
+        call = asyncio.create_task(service.predict(request(encoded(world.images[0][0]))))
+        while not call.done():
+            seen.add(in_flight())
+            await asyncio.sleep(0.001)
+        await call
+        after_success = in_flight()
+        with pytest.raises(InvalidArgument):
+            await service.predict(request(encoded(b"not an image")))
+        x = np.zeros((2, 3, 32, 32), np.float32)
+        await service.infer("shapes", 1, FLOAT, x)
+        with pytest.raises(InvalidArgument):
+            await service.infer("shapes", 1, FLOAT, x[:, :2])
+        return seen, after_success, in_flight()
+
+    seen, after_success, after_all = serve(world, body, registry)
+    assert 1 in seen
+    assert after_success == 0 and after_all == 0

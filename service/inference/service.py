@@ -138,6 +138,7 @@ class InferenceService:
         self._models = models
         self._artifacts = artifacts
         self._metrics = inference_metrics
+        self._metrics.set_limits(settings.max_queue_size, settings.model_cache_bytes)
         cache.configure_allocator()
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(settings.executor_threads, "tlserve-decode")
         self._compute_pool = concurrent.futures.ThreadPoolExecutor(
@@ -183,6 +184,7 @@ class InferenceService:
                 record.variants[(runtime, precision)] = variant
             key = (name, version, variant)
             bound = self._bound(key)
+            bound.in_flight.inc()  # dec in `finally`
             artifact, _ = record.artifacts[variant]
             if request.return_embeddings and not (variant == PYTORCH_VARIANT or artifact.has_embedding):
                 raise FailedPrecondition(
@@ -208,6 +210,9 @@ class InferenceService:
         except BaseException as e:
             self._count_error(bound, e)
             raise
+        finally:
+            if bound is not None:
+                bound.in_flight.dec()
         bound.observe_predict(len(request.images), time.perf_counter() - start)
         return response
 
@@ -245,6 +250,7 @@ class InferenceService:
             _check_deadline(deadline, "before the request was read")
             model = await self._acquire(key)
             bound = model.metrics  # labels only for a model that exists (bounded cardinality)
+            bound.in_flight.inc()  # dec in `finally`
             try:
                 _check_input(model, inputs)
                 outputs = await model.batcher.submit(inputs, deadline)
@@ -253,6 +259,9 @@ class InferenceService:
         except BaseException as e:
             self._count_error(bound, e)
             raise
+        finally:
+            if bound is not None:
+                bound.in_flight.dec()
         return {name: outputs[name] for name in model.output_names}
 
     # -- models ----------------------------------------------------------------------
@@ -461,9 +470,11 @@ class InferenceService:
                     self._retire(evicted)
                 bound.set_memory(memory)
                 self._metrics.loaded_models.set(len(self._cache))
+                seconds = time.perf_counter() - t0
+                bound.observe_load(seconds)
                 log.info("model loaded", extra={"fields": {
                     "model": name, "version": version, "variant": variant, "memory_bytes": memory,
-                    "providers": list(session.providers), "seconds": round(time.perf_counter() - t0, 3),
+                    "providers": list(session.providers), "seconds": round(seconds, 3),
                 }})
             else:  # evicted (DeleteModel) or the service closed while it loaded
                 self._retire(model)

@@ -29,6 +29,7 @@ import signal
 import sys
 
 from client.tlserve.v1 import tlserve_pb2 as pb
+from service import metrics
 from service.config import Settings
 from service.store.jobs import TERMINAL_STATES, JobStore
 
@@ -69,9 +70,12 @@ def exit_reason(returncode: int) -> str:
 
 
 class JobRunner:
-    def __init__(self, settings: Settings, jobs: JobStore) -> None:
+    def __init__(
+        self, settings: Settings, jobs: JobStore, *, training_metrics: metrics.TrainingMetrics = metrics.TRAINING,
+    ) -> None:
         self._settings = settings
         self._jobs = jobs
+        self._metrics = training_metrics
         self._active: dict[str, asyncio.subprocess.Process] = {}
         self._watchers: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
@@ -134,19 +138,22 @@ class JobRunner:
         self.wake()
 
     def _settle(self, job_id: str, returncode: int) -> None:
-        """After a worker exits: a job it left unfinished is CANCELLED or FAILED."""
+        """After a worker exits: a job it left unfinished is CANCELLED or FAILED. Either
+        way the job ended here, once: its duration is recorded."""
         self._jobs.set_worker_pid(job_id, None)
         job = self._jobs.get(job_id)
         if job.state in TERMINAL_STATES:
             log.info("job ended", extra={"fields": {"job_id": job_id, "state": pb.JobState.Name(job.state)}})
-            return
-        if self._jobs.cancel_requested(job_id):
-            self._jobs.transition(job_id, pb.JOB_STATE_CANCELLED, message="cancelled")
-            return
-        reason = exit_reason(returncode)
-        tail = self._log_tail(job_id)
-        log.warning("job failed", extra={"fields": {"job_id": job_id, "reason": reason}})
-        self._jobs.transition(job_id, pb.JOB_STATE_FAILED, error=reason + (f"; last log lines: {tail}" if tail else ""))
+        elif self._jobs.cancel_requested(job_id):
+            job = self._jobs.transition(job_id, pb.JOB_STATE_CANCELLED, message="cancelled")
+        else:
+            reason = exit_reason(returncode)
+            tail = self._log_tail(job_id)
+            log.warning("job failed", extra={"fields": {"job_id": job_id, "reason": reason}})
+            job = self._jobs.transition(
+                job_id, pb.JOB_STATE_FAILED, error=reason + (f"; last log lines: {tail}" if tail else "")
+            )
+        self._metrics.observe_job_end(job)
 
     def _log_tail(self, job_id: str) -> str:
         try:

@@ -71,6 +71,10 @@ class JobStore:
         chunk, token = paging.page("jobs", rows, page_size, page_token)
         return [pb.Job.FromString(r["proto"]) for r in chunk], token
 
+    def count_by_state(self) -> dict[int, int]:
+        """JobState → number of jobs in it (states without jobs are absent)."""
+        return {r["state"]: r["n"] for r in self._store.query("SELECT state, count(*) AS n FROM jobs GROUP BY state")}
+
     def ids_in_state(self, state: int) -> list[str]:
         """Oldest first: the order jobs are started in."""
         return [r["id"] for r in self._store.query("SELECT id FROM jobs WHERE state = ? ORDER BY create_time, id", (state,))]
