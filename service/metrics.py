@@ -292,6 +292,41 @@ class TrainingMetrics:
 
 TRAINING = TrainingMetrics.create()
 
+# An export takes seconds (a small model on a GPU) to many minutes (INT8 calibration of a
+# large model on a CPU).
+EXPORT_DURATION_BUCKETS_SECONDS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportMetrics:
+    """ExportModel calls by precision and outcome, and how long they took (queueing
+    behind another export included), recorded by the export service."""
+
+    exports: Counter
+    duration: Histogram
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry = prometheus_client.REGISTRY) -> ExportMetrics:
+        return cls(
+            exports=Counter(
+                "exports", "ExportModel calls by precision and outcome (ok, or the status code's name in lower "
+                "case: failed_precondition when parity or the accuracy limit failed, not_found, ...).",
+                ["precision", "outcome"], namespace=NAMESPACE, registry=registry,
+            ),
+            duration=Histogram(
+                "export_duration_seconds", "Time an ExportModel call took, by precision and outcome.",
+                ["precision", "outcome"], namespace=NAMESPACE, buckets=EXPORT_DURATION_BUCKETS_SECONDS,
+                registry=registry,
+            ),
+        )
+
+    def observe(self, precision: str, outcome: str, seconds: float) -> None:
+        self.exports.labels(precision=precision, outcome=outcome).inc()
+        self.duration.labels(precision=precision, outcome=outcome).observe(seconds)
+
+
+EXPORTS = ExportMetrics.create()
+
 COLLECT_ERRORS = Counter(
     "metrics_collect_errors",
     "Scrapes where a collector could not read its source (store, gpu) and left its figures out.",

@@ -240,3 +240,15 @@ def test_a_real_prometheus_scrapes_tlserve_and_answers_a_predict_query(server, t
             process.kill()
             process.wait()
         log.close()
+
+
+def test_exports_are_counted_by_precision_and_outcome(server, tl, fp32):
+    found = parse(scrape(server))
+    assert value(found, "tlserve_exports_total", precision="fp32", outcome="ok") == 1
+    assert value(found, "tlserve_export_duration_seconds_count", precision="fp32", outcome="ok") == 1
+    with pytest.raises(tlclient.TLServeError) as e:
+        tl.export_model("nosuch", precision="int8")
+    assert e.value.code == grpc.StatusCode.NOT_FOUND
+    found = parse(scrape(server))
+    assert value(found, "tlserve_exports_total", precision="int8", outcome="not_found") == 1
+    assert value(found, "tlserve_exports_total", precision="fp32", outcome="ok") == 1

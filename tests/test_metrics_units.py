@@ -32,7 +32,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Every label a tlserve metric may carry: each has a small, known set of values.
 BOUNDED_LABELS = {"method", "code", "model", "version", "variant", "reason", "state", "split", "percentile",
-                  "device", "backbone", "collector", "torch_version"}
+                  "precision", "outcome", "device", "backbone", "collector", "torch_version"}
 UNIT_SUFFIXES = ("_seconds", "_bytes", "_total", "_ratio", "_images", "_requests", "_requests_in_flight",
                  "_images_per_second")
 # Unit-less counts and quantities: the unit is in the word itself.
@@ -45,7 +45,7 @@ def catalogue() -> dict[str, tuple[str, tuple[str, ...]]]:
     in service.metrics and the families its collectors yield."""
     found: dict[str, tuple[str, tuple[str, ...]]] = {}
     objects = [metrics.BUILD_INFO, metrics.COLLECT_ERRORS]
-    for group in (metrics.GRPC, metrics.INFERENCE, metrics.TRAINING):
+    for group in (metrics.GRPC, metrics.INFERENCE, metrics.TRAINING, metrics.EXPORTS):
         objects += [getattr(group, f) for f in group.__dataclass_fields__]
     for metric in objects:
         name = metric._name + ("_total" if metric._type == "counter" else "")
@@ -432,6 +432,6 @@ def test_inference_limits_are_exported_for_alert_thresholds():
 
 
 def test_metric_objects_are_prometheus_client_types():
-    for group in (metrics.GRPC, metrics.INFERENCE, metrics.TRAINING):
+    for group in (metrics.GRPC, metrics.INFERENCE, metrics.TRAINING, metrics.EXPORTS):
         for field in group.__dataclass_fields__:
             assert isinstance(getattr(group, field), (Counter, Gauge, Histogram)), field

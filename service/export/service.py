@@ -32,9 +32,9 @@ from typing import BinaryIO
 import onnx
 
 from client.tlserve.v1 import tlserve_pb2 as pb
-from service import backbones
+from service import backbones, metrics
 from service.config import Settings
-from service.errors import FailedPrecondition, InvalidArgument, NotFound
+from service.errors import FailedPrecondition, InvalidArgument, NotFound, TLServeError
 from service.export import onnx_export as ox
 from service.manifest import Manifest
 from service.store.artifacts import ArtifactStore
@@ -159,8 +159,10 @@ def artifact_file_name(precision: str, layout: str) -> str:
 
 
 class ExportService:
-    def __init__(self, settings: Settings, models: ModelStore, artifacts: ArtifactStore) -> None:
+    def __init__(self, settings: Settings, models: ModelStore, artifacts: ArtifactStore, *,
+                 export_metrics: metrics.ExportMetrics = metrics.EXPORTS) -> None:
         self._settings = settings
+        self._metrics = export_metrics
         self._models = models
         self._artifacts = artifacts
         self._export_lock = threading.Lock()  # one export at a time: each uses every core
@@ -174,9 +176,20 @@ class ExportService:
     def export(self, request: pb.ExportModelRequest) -> pb.ModelArtifact:
         """Exports, proves and publishes one variant; returns the stored artifact."""
         options = ExportOptions.from_request(request)
-        name, version = self._models.resolve(request.model)
-        with self._export_lock:
-            return self._export(name, version, options)
+        start = time.monotonic()
+        outcome = "internal"
+        try:
+            name, version = self._models.resolve(request.model)
+            with self._export_lock:
+                artifact = self._export(name, version, options)
+            outcome = "ok"
+            return artifact
+        except TLServeError as error:
+            outcome = type(error).__name__
+            outcome = "".join(f"_{c.lower()}" if c.isupper() else c for c in outcome).lstrip("_")
+            raise
+        finally:
+            self._metrics.observe(options.precision, outcome, time.monotonic() - start)
 
     def _export(self, name: str, version: int, options: ExportOptions) -> pb.ModelArtifact:
         start = time.monotonic()
