@@ -33,6 +33,7 @@ from service.config import Settings, split_address
 from service.datasets import Datasets
 from service.errors import ConfigError
 from service.export.service import ExportService
+from service.profiling.compare import BackboneComparer
 from service.profiling.profile import ProfileService
 from service.inference.service import InferenceService
 from service.jobs.runner import JobRunner
@@ -182,6 +183,7 @@ async def create_server(settings: Settings) -> TLServeServer:
         exports=ExportService(settings, models, artifacts),
         inference=inference,
         profiles=ProfileService(settings, models, artifacts, inference.choose_variant),
+        compare=BackboneComparer(settings, datasets),
     )
     tlserve_pb2_grpc.add_TLServeServicer_to_server(TLServeServicer(state), server)
     health_servicer = health.aio.HealthServicer()

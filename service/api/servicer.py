@@ -5,9 +5,6 @@ the result back; domain errors propagate and `ErrorInterceptor` turns them into
 status codes. Blocking work runs in the default executor (sized from config),
 never on the event loop.
 
-RPCs that a later part of tlserve provides answer UNIMPLEMENTED with a message
-that says which part is missing (`_NOT_YET_BUILT`), never a fake success.
-
 Predict and PredictStream hand the caller's deadline to the inference service,
 which drops work whose deadline has passed before computing it; a client that
 cancels cancels the handler task, which frees its place in the model's queue.
@@ -28,29 +25,16 @@ from service import backbones, hardware
 from service.api.interceptors import status_for
 from service.config import Settings
 from service.datasets import Datasets
-from service.errors import InvalidArgument, TLServeError, Unimplemented
+from service.errors import InvalidArgument, TLServeError
 from service.export.service import ExportService
 from service.inference.service import InferenceService
 from service.jobs.service import JobService
+from service.profiling.compare import BackboneComparer
 from service.profiling.profile import ProfileService
 from service.store.models import ModelStore
 
-# RPC → the part of tlserve that will provide it.
-_NOT_YET_BUILT: dict[str, str] = {
-    "CompareBackbones": "model profiling and the trade-off report",
-}
-
 # PredictStream requests computed at once per stream; replies still go out in order.
 STREAM_WINDOW = 32
-
-
-def _not_yet_built(method: str, part: str):
-    async def handler(self, request, context):
-        raise Unimplemented(f"{method} is not available in this tlserve server yet: {part} is not built")
-
-    handler.__name__ = method
-    handler.__doc__ = f"Not built yet: {part}."
-    return handler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +49,7 @@ class ServerState:
     exports: ExportService
     inference: InferenceService
     profiles: ProfileService
+    compare: BackboneComparer
 
 
 class TLServeServicer(tlserve_pb2_grpc.TLServeServicer):
@@ -197,6 +182,14 @@ class TLServeServicer(tlserve_pb2_grpc.TLServeServicer):
             cancelled.set()
             raise
 
+    async def CompareBackbones(self, request: pb.CompareBackbonesRequest, context) -> pb.CompareBackbonesResponse:
+        cancelled = threading.Event()  # stops the comparison's child process
+        try:
+            return await asyncio.to_thread(self._state.compare.compare, request, cancelled)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
     # --- inference --------------------------------------------------------
 
     async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
@@ -243,7 +236,3 @@ def _deadline(context) -> float | None:
     """The call's deadline on the time.monotonic() clock, or None without one."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
-
-
-for _method, _part in _NOT_YET_BUILT.items():
-    setattr(TLServeServicer, _method, _not_yet_built(_method, _part))

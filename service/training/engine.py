@@ -302,6 +302,24 @@ def extract_features(
     return torch.cat(features), torch.cat(labels)
 
 
+def frozen_features(
+    trunk: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    check: Callable[[], None],
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`extract_features` over every image of `dataset` in order, on a side RNG stream
+    seeded with `seed`: the features and the global RNG afterwards are the same whatever
+    ran before. AUTO's probe and CompareBackbones' probes read their images this way."""
+    loader = data.make_loader(dataset, batch_size, shuffle=False, device=device)
+    with _side_stream(seed, device):
+        return extract_features(trunk, loader, device, dtype, check)
+
+
 @dataclasses.dataclass
 class FeatureCache:
     """Frozen-trunk features: `views` augmented versions of every training image
@@ -648,9 +666,10 @@ def decide_strategy(job: _Job) -> pb.StrategyDecision:
     job.progress.phase(pb.JOB_PHASE_CACHING_FEATURES, "probing frozen features to choose a strategy")
     labels = [label for _, label in job.train_eval_set.samples]
     subset = strategies.probe_subset(labels, num_classes, config.seed)
-    loader = data.make_loader(torch.utils.data.Subset(job.train_eval_set, subset), config.batch_size, shuffle=False, device=job.device)
-    with _side_stream(config.seed, job.device):
-        features, probe_labels = extract_features(built.trunk, loader, job.device, job.amp, job.check)
+    features, probe_labels = frozen_features(
+        built.trunk, torch.utils.data.Subset(job.train_eval_set, subset), batch_size=config.batch_size,
+        device=job.device, dtype=job.amp, check=job.check, seed=config.seed,
+    )
     probe = strategies.probe_accuracy(features, probe_labels, num_classes)
     decision = strategies.decide(images_per_class, probe, num_classes, below)
     job.progress.phase(pb.JOB_PHASE_PREPARING, f"AUTO: {decision.reason}")

@@ -30,10 +30,15 @@ AUTO (`decide`) follows the design's size × similarity table.
 small & similar → FEATURE_EXTRACTION; small & different → PARTIAL with the top 2
 groups; large & similar → PARTIAL with the top half of the groups (at least 2);
 large & different → FULL.
+
+CompareBackbones ranks backbones by a trained linear probe on frozen features
+(`fit_linear_probe`: logistic regression, L-BFGS, L2 chosen by cross-validation on
+the training features), a stronger and costlier judge than AUTO's class means.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -174,12 +179,131 @@ def prototype_weights(features: torch.Tensor, labels: torch.Tensor, num_classes:
     return (2 * means).float(), (-(means * means).sum(dim=1)).float()
 
 
-def set_prototype_head(built, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
-    weight, bias = prototype_weights(features, labels, num_classes)
+def set_head(built, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Copies (C, D) `weight` and (C,) `bias` into the head's Linear layer."""
     linear = head_linear(built)
     with torch.no_grad():
-        linear.weight.copy_(weight.to(linear.weight.device))
-        linear.bias.copy_(bias.to(linear.bias.device))
+        linear.weight.copy_(weight.to(linear.weight.device, linear.weight.dtype))
+        linear.bias.copy_(bias.to(linear.bias.device, linear.bias.dtype))
+
+
+def set_prototype_head(built, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
+    set_head(built, *prototype_weights(features, labels, num_classes))
+
+
+# -- the linear probe ------------------------------------------------------------
+
+# L2 strengths that cross-validation chooses from. Features are standardised first, so
+# one grid suits every backbone's width; 10× steps around the usual 1e-2.
+LINEAR_PROBE_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+LINEAR_PROBE_DEFAULT_WEIGHT_DECAY = 1e-2  # where a class has too few images for folds
+LINEAR_PROBE_FOLDS = 3
+# L-BFGS iterations per fit: a convex problem in C·(D+1) unknowns converges to
+# accuracy-stable weights well within this on every backbone's features.
+LINEAR_PROBE_MAX_ITERATIONS = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearProbe:
+    """A linear classifier on raw features (N, D) → logits (N, C). The standardisation
+    it was trained with is folded into `weight` and `bias`, so it drops into a head
+    (`set_head`) as it is."""
+
+    weight: torch.Tensor  # (C, D)
+    bias: torch.Tensor  # (C,)
+    weight_decay: float  # the L2 strength it was fitted with
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return features.to(self.weight) @ self.weight.T + self.bias  # (N, C)
+
+    def accuracy(self, features: torch.Tensor, labels: torch.Tensor) -> float:
+        """Top-1 accuracy on (N, D) features; NaN for no images."""
+        if not len(labels):
+            return math.nan
+        predicted = self.logits(features).argmax(dim=1)
+        return (predicted == labels.to(predicted.device)).double().mean().item()
+
+
+def fit_linear_probe(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, weight_decay: float | None = None, seed: int = 0
+) -> LinearProbe:
+    """Multinomial logistic regression on frozen features (N, D), each dimension
+    standardised with the training mean and std: full-batch L-BFGS (strong Wolfe line
+    search) from zero weights on mean cross-entropy + weight_decay/2·‖W‖² (the bias is
+    not decayed). The objective is strictly convex, so the fit is its unique optimum:
+    the same weights for the same features, whatever ran before. It runs where
+    `features` are (a GPU's features are probed on the GPU).
+
+    `weight_decay` None chooses it from LINEAR_PROBE_WEIGHT_DECAYS by stratified
+    LINEAR_PROBE_FOLDS-fold cross-validation on these training features alone: the
+    lowest held-out cross-entropy (folds drawn with `seed`), so no validation image tunes
+    the probe it scores; LINEAR_PROBE_DEFAULT_WEIGHT_DECAY where a class has fewer
+    images than folds."""
+    x = features.float()
+    y = labels.to(x.device)
+    if weight_decay is None:
+        weight_decay = _cross_validated_weight_decay(x, y, num_classes, seed)
+    return _fit_probe(x, y, num_classes, weight_decay)
+
+
+def _fit_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float) -> LinearProbe:
+    mean = x.mean(dim=0)  # (D,)
+    std = x.std(dim=0, unbiased=False)  # (D,)
+    # A constant dimension (std 0, or float noise far below the others) is centred, not scaled.
+    std = torch.where(std > 1e-6 * std.max().clamp(min=1e-30), std, torch.ones_like(std))
+    z = (x - mean) / std  # (N, D)
+    weight = torch.zeros(num_classes, x.shape[1], device=x.device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=x.device, requires_grad=True)
+    optimiser = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=LINEAR_PROBE_MAX_ITERATIONS, history_size=10,
+        tolerance_grad=1e-7, tolerance_change=1e-10, line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = nn.functional.cross_entropy(z @ weight.T + bias, y) + 0.5 * weight_decay * (weight * weight).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():  # callers may sit under no_grad (feature extraction)
+        optimiser.step(closure)
+    # logits = ((x − μ) / σ)·Wᵀ + b = x·(W/σ)ᵀ + (b − (W/σ)·μ)
+    raw_weight = (weight / std).detach()  # (C, D)
+    return LinearProbe(weight=raw_weight, bias=(bias - raw_weight @ mean).detach(), weight_decay=weight_decay)
+
+
+def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
+    """Fold index (N,) of each image: each class dealt round-robin over the folds in a
+    seeded random order, so every fold holds its share of every class."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(labels), generator=generator).tolist()
+    values = labels.tolist()
+    dealt: dict[int, int] = {}
+    fold = [0] * len(values)
+    for i in order:
+        fold[i] = dealt.get(values[i], 0) % folds
+        dealt[values[i]] = dealt.get(values[i], 0) + 1
+    return torch.tensor(fold, dtype=torch.long)
+
+
+def _cross_validated_weight_decay(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int) -> float:
+    counts = torch.bincount(y, minlength=num_classes)
+    present = counts[counts > 0]
+    if len(present) < 2 or int(present.min()) < LINEAR_PROBE_FOLDS:
+        return LINEAR_PROBE_DEFAULT_WEIGHT_DECAY
+    fold = stratified_folds(y.cpu(), LINEAR_PROBE_FOLDS, seed).to(x.device)
+    best, best_loss = LINEAR_PROBE_DEFAULT_WEIGHT_DECAY, math.inf
+    for weight_decay in sorted(LINEAR_PROBE_WEIGHT_DECAYS, reverse=True):  # strongest first: ties keep it
+        # Held-out cross-entropy, not accuracy: on a few images per fold accuracy ties
+        # across the grid, while the loss still tells a sharp, right fit from a timid one.
+        loss = 0.0
+        for k in range(LINEAR_PROBE_FOLDS):
+            held = fold == k
+            probe = _fit_probe(x[~held], y[~held], num_classes, weight_decay)
+            loss += nn.functional.cross_entropy(probe.logits(x[held]), y[held], reduction="sum").item()
+        if loss < best_loss:
+            best, best_loss = weight_decay, loss
+    return best
 
 
 # -- AUTO -----------------------------------------------------------------------
