@@ -54,15 +54,8 @@ TERMINAL_STATES = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CAN
 # --- Formatting ----------------------------------------------------------------
 
 
-def human_bytes(n: float) -> str:
-    """Sizes in 1024 steps with the labels torchvision's docs use ("44.7 MB")."""
-    if n < 1024:
-        return f"{int(n)} B"
-    for unit in ("KB", "MB", "GB", "TB"):
-        n /= 1024
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}"
-    raise AssertionError("unreachable")
+# Sizes in 1024 steps with the labels torchvision's docs use ("44.7 MB"); the report's own.
+human_bytes = report.format_bytes
 
 
 def percent(fraction: float) -> str:

@@ -209,7 +209,7 @@ def front_members(points: Sequence[Point]) -> list[Point]:
 
 
 def format_bytes(n: float) -> str:
-    """Sizes in 1024 steps with torchvision's labels, as the CLI prints them ("44.7 MB")."""
+    """Sizes in 1024 steps with torchvision's labels ("44.7 MB"); the CLI prints sizes with it too."""
     if n < 1024:
         return f"{int(n)} B"
     for unit in ("KB", "MB", "GB", "TB"):

@@ -1037,3 +1037,15 @@ def trainable_groups(built: BuiltModel, n_top: int) -> list[LayerGroup]:
     if n_top < 0:
         raise InvalidArgument(f"the number of groups to unfreeze must be ≥ 0, not {n_top}")
     return built.groups[max(0, len(built.groups) - 1 - n_top) :]
+
+
+def count_gflops(model: nn.Module, image_size: int, device: torch.device | str = "cpu") -> float:
+    """Multiply-adds ÷ 1e9 of one image at `image_size`, counted on the real graph: the
+    unit of torchvision's metadata in ListBackbones (FlopCounterMode counts 2 FLOPs per
+    multiply-add). Published models and CompareBackbones both report this."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, 3, image_size, image_size, device=device))
+    return counter.get_total_flops() / 2 / 1e9

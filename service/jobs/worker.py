@@ -73,23 +73,15 @@ def pick_device() -> torch.device:
 
 
 def measure_gflops(backbone: str, result: TrainResult) -> float:
-    """GFLOPs of one image at the trained resolution, counted on the real graph.
-
-    Reported as multiply-adds ÷ 1e9 (FlopCounterMode counts 2 FLOPs per
-    multiply-add), the same unit as torchvision's metadata in ListBackbones."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+    """GFLOPs of one image at the trained resolution (`backbones.count_gflops`), on the
+    published weights loaded into the real architecture."""
     built = backbones.build(
         backbone, len(result.class_names), weights=backbones.WeightsChoice(kind="none"),
         weights_dir=".", image_size=result.preprocessing.crop_size,
     )
     built.model.load_state_dict(result.state_dict)  # proves the published weights fit the architecture
     built.model.eval()
-    size = result.preprocessing.crop_size
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        built.model(torch.zeros(1, 3, size, size))
-    return counter.get_total_flops() / 2 / 1e9
+    return backbones.count_gflops(built.model, result.preprocessing.crop_size)
 
 
 def publish(job: pb.Job, result: TrainResult, parent: pb.ModelRef | None, *,

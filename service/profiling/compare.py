@@ -427,7 +427,7 @@ def probe_backbone(name: str, task: CompareTask, device: torch.device) -> tuple[
         probe_accuracy=accuracy if math.isfinite(accuracy) else 0.0,
         latency_p50_seconds=latency.p50,
         parameter_count=sum(p.numel() for p in built.model.parameters()),
-        gflops=count_gflops(built.model, built.preprocessing.crop_size, device),
+        gflops=backbones.count_gflops(built.model, built.preprocessing.crop_size, device),
         file_size_bytes=saved_size_bytes(built.model),
         weights=spec.default.name if task.pretrained else WEIGHTS_NONE,
         image_size=built.preprocessing.crop_size,
@@ -436,18 +436,6 @@ def probe_backbone(name: str, task: CompareTask, device: torch.device) -> tuple[
         device=f"cuda:{device.index}" if device.type == "cuda" else "cpu",
     )
     return result, probe.weight_decay
-
-
-def count_gflops(model: torch.nn.Module, image_size: int, device: torch.device) -> float:
-    """Multiply-adds ÷ 1e9 of one image at `image_size`, counted on the real graph: the
-    unit of torchvision's metadata and of `service.jobs.worker.measure_gflops`
-    (FlopCounterMode counts 2 FLOPs per multiply-add)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(torch.zeros(1, 3, image_size, image_size, device=device))
-    return counter.get_total_flops() / 2 / 1e9
 
 
 class _CountingWriter(io.RawIOBase):
