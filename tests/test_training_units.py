@@ -307,3 +307,15 @@ def test_a_last_batch_of_one_image_is_dropped_only_when_it_would_occur():
     # Two processes, 9 images: shards of 5 with batch 4 would end in a batch of 1.
     shard = make_loader(nine, 4, shuffle=True, device=cpu, rank=1, world_size=2)
     assert [len(b[0]) for b in shard] == [4]
+
+
+def test_loader_workers_decode_only_for_a_gpu_and_only_for_large_splits():
+    from service.training.data import MAX_WORKERS, PARALLEL_DECODE_MIN_IMAGES, worker_count
+
+    big = PARALLEL_DECODE_MIN_IMAGES
+    assert worker_count(10_000, "cpu", cpus=16) == 0  # the CPU's cores are the model's
+    assert worker_count(big - 1, "cuda", cpus=16) == 0
+    assert worker_count(big, "cuda", cpus=16) == MAX_WORKERS
+    assert worker_count(big, "cuda", cpus=4) == 3  # one core left for the training loop
+    assert worker_count(big, "cuda", cpus=8, local_processes=2) == 3  # shared by two ranks
+    assert worker_count(big, "cuda", cpus=1) == 0
