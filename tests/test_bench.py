@@ -59,6 +59,21 @@ def test_baseline_loop_trains_one_epoch_over_every_training_image(frozen, tiny, 
     assert 0 < run.train_seconds <= run.wall
 
 
+def test_paired_epochs_pairs_every_engine_epoch_with_a_baseline_epoch_and_puts_the_engine_back(tiny, tmp_path):
+    original = engine.train_one_epoch
+    config = finetune.engine_config(tiny, TINY, pb.STRATEGY_FULL, CPU, seed=0, epochs=3, batch_size=4, patience=0)
+    source = engine.fine_tune(config, tiny, weights=finetune.NONE, weights_dir=tmp_path, checkpoint_dir=tmp_path / "c",
+                              reporter=finetune.Recorder(), device=CPU)
+    baseline = finetune.BaselineLoop(tiny.root, config, source, CPU, frozen=False, lr=0.01)
+    seen = []
+    baseline.epoch = lambda: seen.append("baseline") or 8
+    with finetune.paired_epochs(baseline, CPU) as pairs:
+        finetune.run_engine(config, tiny, finetune.source_weights(source), CPU, tmp_path)
+    assert engine.train_one_epoch is original
+    assert len(pairs) == 3 and len(seen) == 3
+    assert all(ours > 0 and base > 0 for ours, base in pairs)
+
+
 def test_profiled_engine_times_the_stages_and_puts_the_engine_back(tiny, tmp_path):
     original = engine.train_head_one_epoch
     config = finetune.engine_config(tiny, TINY, pb.STRATEGY_FEATURE_EXTRACTION, CPU, seed=0, epochs=2, cache_features=True)
