@@ -75,7 +75,13 @@ def _config(request: pb.FineTuneRequest | None = None, **kwargs) -> TrainConfig:
 
 def test_defaults_follow_the_strategy():
     fe = _config(pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_FEATURE_EXTRACTION))
-    assert (fe.optimizer, fe.learning_rate, fe.epochs, fe.cache_features, fe.augment) == ("adamw", 1e-3, 15, True, True)
+    assert (fe.optimizer, fe.learning_rate, fe.epochs, fe.cache_features, fe.augment) == ("adamw", 1e-2, 15, True, False)
+    uncached = pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_FEATURE_EXTRACTION)
+    uncached.training.cache_features = False
+    assert _config(uncached).augment  # each epoch sees new augmented images anyway
+    asked = pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_FEATURE_EXTRACTION)
+    asked.augmentation.enabled = True
+    assert _config(asked).augment and _config(asked).cached_views == 4
     full = _config(pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_FULL))
     assert (full.optimizer, full.learning_rate, full.layer_lr_decay, full.nesterov) == ("sgd", 1e-3, 0.5, True)
     assert full.warmup_epochs == 1.0 and full.epochs == 20
