@@ -240,20 +240,20 @@ def test_probe_is_leave_one_out_nearest_mean():
         (5, 0.9, pb.STRATEGY_PROTOTYPE, 0),
         (1, math.nan, pb.STRATEGY_PROTOTYPE, 0),
         (50, 0.9, pb.STRATEGY_FEATURE_EXTRACTION, 0),
-        (50, 0.4, pb.STRATEGY_PARTIAL, 2),
+        (50, 0.4, pb.STRATEGY_PROGRESSIVE_UNFREEZING, 4),
         (500, 0.9, pb.STRATEGY_PARTIAL, 3),  # ceil(5 / 2)
         (500, 0.4, pb.STRATEGY_FULL, 5),
     ],
 )
 def test_auto_table(per_class, probe, expected, groups):
-    decision = strategies.decide(per_class, probe, num_classes=4, groups_below=5)
+    decision = strategies.decide(per_class, probe, num_classes=4, groups_below=5, progressive_groups=4)
     assert decision.strategy == expected and decision.trainable_groups == groups
     assert decision.chance_accuracy == 0.25 and decision.images_per_class == per_class
     assert f"{per_class:.1f} training images per class" in decision.reason
 
 
 def test_auto_reason_states_the_probe_numbers():
-    decision = strategies.decide(3, 0.8, num_classes=2, groups_below=4)
+    decision = strategies.decide(3, 0.8, num_classes=2, groups_below=4, progressive_groups=4)
     assert decision.probe_accuracy == 0.8
     assert "0.800 against chance 0.500" in decision.reason and "prototype" in decision.reason
 

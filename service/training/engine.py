@@ -684,7 +684,9 @@ def decide_strategy(job: _Job) -> pb.StrategyDecision:
         device=job.device, dtype=job.amp, check=job.check, seed=config.seed,
     )
     probe = strategies.probe_accuracy(features, probe_labels, num_classes)
-    decision = strategies.decide(images_per_class, probe, num_classes, below)
+    progressive = config.resolved(S.STRATEGY_PROGRESSIVE_UNFREEZING, 0)
+    reach = min((progressive.epochs - 1) // progressive.epochs_per_phase, below)
+    decision = strategies.decide(images_per_class, probe, num_classes, below, progressive_groups=reach)
     job.progress.phase(pb.JOB_PHASE_PREPARING, f"AUTO: {decision.reason}")
     return decision
 
