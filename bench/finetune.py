@@ -1,13 +1,16 @@
 """Fine-tuning benchmarks: tlserve's engine (`engine.fine_tune`) against the
 textbook PyTorch loops on the same model and the same procedural shape images.
 
-    .venv/bin/python bench/finetune.py --quick          # a few minutes on 2 CPU cores
+    .venv/bin/python bench/finetune.py --quick          # ~5 min on 2 CPU cores (+4.5 min the first time)
     .venv/bin/python bench/finetune.py --device cuda    # bigger data, more repeats
 
 Stages, in the order they run (each reads the source model of the first):
 
 1. `train_source`: a backbone trained from scratch on SOURCE_SHAPES by the engine;
-   its weights are the starting point of everything below ("pretrained").
+   its weights are the starting point of everything below ("pretrained"). It is
+   kept in `--cache-dir` (var/bench-cache) under a key of its settings, device and
+   library versions, and loaded from there by later runs, as pretrained weights
+   would be (`--retrain-source` trains it anyway).
 2. `bench_full_finetune`: images/s of the training epochs of a FULL fine-tune,
    ours against a plain loop (new final Linear, ImageFolder DataLoader with the
    same transforms, SGD with momentum, cross-entropy, `model.train()`). Ours is
@@ -21,8 +24,10 @@ Stages, in the order they run (each reads the source model of the first):
    image through the whole network every epoch. Wall time of the whole training
    (ours: model build, cache, ten head epochs with their cached validation and
    checkpoints; the baseline: model build and ten epochs, no validation at all),
-   then test accuracy of both. With the engine's defaults (augmentation on, 4
-   cached views) and again with augmentation off on both sides (1 view).
+   then test accuracy of both. With the engine's defaults (augmentation off while
+   features are cached: 1 view) and again with augmentation on for both sides
+   (4 cached views; the loop augments every epoch); the defaults' accuracy is also
+   compared with the augmented loop's.
 4. `bench_transfer`: few-shot TARGET_SHAPES, feature extraction from the source
    model against training from scratch (random weights), as feature extraction
    and as FULL training; averaged over seeds.
@@ -41,6 +46,8 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import hashlib
+import json
 import platform
 import shutil
 import statistics
@@ -109,14 +116,14 @@ class Settings:
 
 SETTINGS = {
     "quick": Settings(
-        backbone="resnet18", image_size=32, source_train=60, source_epochs=12, source_lr=1e-3,
+        backbone="resnet18", image_size=32, source_train=150, source_epochs=15, source_lr=1e-3,
         speed_train=48, speed_epochs=5, speed_repeats=2, cache_train=48, cache_repeats=3,
-        fewshot_train=8, fewshot_seeds=2, auto_sizes=(4, 20), auto_epochs=6, test=25,
+        fewshot_train=8, fewshot_seeds=2, auto_sizes=(4, 20), auto_epochs=0, test=25,
     ),
     "full": Settings(
         backbone="resnet18", image_size=32, source_train=150, source_epochs=15, source_lr=1e-3,
         speed_train=128, speed_epochs=6, speed_repeats=3, cache_train=128, cache_repeats=5,
-        fewshot_train=8, fewshot_seeds=3, auto_sizes=(4, 20, 60), auto_epochs=0, test=40,
+        fewshot_train=8, fewshot_seeds=3, auto_sizes=(4, 10, 20, 40, 60), auto_epochs=0, test=40,
     ),
 }
 
@@ -236,14 +243,14 @@ def run_engine(config: TrainConfig, manifest: Manifest, weights: backbones.Weigh
     return EngineRun(result, dict(seconds), wall, recorder.reported_images_per_second())
 
 
-def source_weights(source: engine.TrainResult) -> backbones.WeightsChoice:
+def source_weights(source: Pretrained) -> backbones.WeightsChoice:
     return backbones.WeightsChoice(kind="tlserve", state_dict=source.state_dict, preprocessing=source.preprocessing)
 
 
 # -- the textbook loop -------------------------------------------------------------------
 
 
-def baseline_model(backbone: str, num_classes: int, source: engine.TrainResult | None) -> nn.Module:
+def baseline_model(backbone: str, num_classes: int, source: Pretrained | None) -> nn.Module:
     """torchvision's model, the source model's trunk weights (or random ones), and
     a new final Linear for `num_classes`."""
     model = torchvision.models.get_model(backbone, weights=None)
@@ -314,7 +321,7 @@ class BaselineLoop:
     `frozen`: every backbone parameter has requires_grad off and only the new
     Linear trains."""
 
-    def __init__(self, root: Path, config: TrainConfig, source: engine.TrainResult, device: torch.device, *, frozen: bool, lr: float) -> None:
+    def __init__(self, root: Path, config: TrainConfig, source: Pretrained, device: torch.device, *, frozen: bool, lr: float) -> None:
         torch.manual_seed(config.seed)
         self.root, self.config, self.device = root, config, device
         classes = len(sorted(p.name for p in (root / "train").iterdir()))
@@ -338,7 +345,7 @@ class BaselineLoop:
 
 
 def run_baseline(
-    root: Path, config: TrainConfig, source: engine.TrainResult, device: torch.device, *,
+    root: Path, config: TrainConfig, source: Pretrained, device: torch.device, *,
     frozen: bool, lr: float, epochs: int,
 ) -> BaselineRun:
     """`epochs` of the BaselineLoop, timed, then its test accuracy."""
@@ -365,7 +372,20 @@ def shapes(root: Path, classes, settings: Settings, *, train: int, seed: int, te
 # -- stages ----------------------------------------------------------------------------------
 
 
-def train_source(settings: Settings, device: torch.device, workdir: Path) -> EngineRun:
+@dataclasses.dataclass
+class Source:
+    """The "pretrained" model every later stage starts from: what they read of it
+    (`state_dict`, `preprocessing`, as on an engine.TrainResult) and how it was made."""
+
+    state_dict: dict[str, torch.Tensor]
+    preprocessing: backbones.Preprocessing
+    test_accuracy: float
+    epochs_run: int
+    seconds: float  # training wall time when it was made
+    from_cache: bool = False
+
+
+def train_source(settings: Settings, device: torch.device, workdir: Path) -> Source:
     """The "pretrained" model: FULL from random weights on SOURCE_SHAPES, AdamW at
     one rate for every layer (a from-scratch recipe, not the fine-tuning defaults),
     no augmentation (the fastest to learn on a CPU budget)."""
@@ -375,7 +395,45 @@ def train_source(settings: Settings, device: torch.device, workdir: Path) -> Eng
         epochs=settings.source_epochs, optimizer=pb.OPTIMIZER_ADAMW, learning_rate=settings.source_lr,
         layer_lr_decay=1.0, label_smoothing=0.0, head_dropout=0.0, batch_size=16,  # twice the steps of 32
     )
-    return run_engine(config, manifest, NONE, device, workdir)
+    run = run_engine(config, manifest, NONE, device, workdir)
+    return Source(run.result.state_dict, run.result.preprocessing, run.test_accuracy, run.result.epochs_run, run.wall)
+
+
+# What the stages read of the source model: an engine result or a Source.
+Pretrained = Source | engine.TrainResult
+
+SOURCE_CACHE_FORMAT = 1
+
+
+def source_cache_key(settings: Settings, device: torch.device) -> str:
+    """Everything the source model depends on but the engine's code: settings of
+    the source task, the shapes, the device type and the library versions."""
+    fields = {
+        "format": SOURCE_CACHE_FORMAT, "backbone": settings.backbone, "image_size": settings.image_size,
+        "train": settings.source_train, "epochs": settings.source_epochs, "lr": settings.source_lr, "val": settings.val,
+        "shapes": list(SOURCE_SHAPES), "device": device.type, "torch": torch.__version__, "torchvision": torchvision.__version__,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_or_train_source(settings: Settings, device: torch.device, workdir: Path, cache_dir: Path | None) -> Source:
+    """The source model from `cache_dir` when an earlier run with the same
+    `source_cache_key` left it there, else trained now (and saved there). Training
+    it is the costliest stage on a CPU (minutes) and it is an input of every
+    comparison, not one of them, like downloaded pretrained weights."""
+    path = cache_dir / f"source-{source_cache_key(settings, device)}.pt" if cache_dir else None
+    if path is not None and path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return Source(saved["state_dict"], backbones.Preprocessing(**saved["preprocessing"]), saved["test_accuracy"],
+                      saved["epochs_run"], saved["seconds"], from_cache=True)
+    source = train_source(settings, device, workdir)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_suffix(".tmp")
+        torch.save({"state_dict": source.state_dict, "preprocessing": dataclasses.asdict(source.preprocessing),
+                    "test_accuracy": source.test_accuracy, "epochs_run": source.epochs_run, "seconds": source.seconds}, temp)
+        temp.replace(path)
+    return source
 
 
 @contextlib.contextmanager
@@ -411,7 +469,7 @@ def paired_epochs(baseline: BaselineLoop, device: torch.device):
         engine.train_one_epoch = original
 
 
-def bench_full_finetune(settings: Settings, source: engine.TrainResult, device: torch.device, workdir: Path) -> dict:
+def bench_full_finetune(settings: Settings, source: Pretrained, device: torch.device, workdir: Path) -> dict:
     manifest = shapes(workdir / "speed", TARGET_SHAPES, settings, train=settings.speed_train, seed=21, test=4)
     config = engine_config(manifest, settings, S.STRATEGY_FULL, device, seed=0, patience=0, epochs=settings.speed_epochs)
     pairs, profiles, reported = [], [], []
@@ -435,7 +493,8 @@ def bench_full_finetune(settings: Settings, source: engine.TrainResult, device: 
     }
 
 
-def bench_feature_cache(settings: Settings, source: engine.TrainResult, device: torch.device, workdir: Path, *, augment: bool) -> dict:
+def bench_feature_cache(settings: Settings, source: Pretrained, device: torch.device, workdir: Path, *, augment: bool | None) -> dict:
+    """`augment`: None keeps the engine's default; the baseline uses the same transforms."""
     manifest = shapes(workdir / "cache", TARGET_SHAPES, settings, train=settings.cache_train, seed=31)
     ours, baseline = [], []
     for repeat in range(settings.cache_repeats):
@@ -460,11 +519,12 @@ def bench_feature_cache(settings: Settings, source: engine.TrainResult, device: 
     base_acc = statistics.mean(r["accuracy"] for r in baseline)
     ratio = statistics.median(b["seconds"] / o["seconds"] for o, b in zip(ours, baseline))  # per pair, as above
     return {"ours": ours, "baseline": baseline, "ratio": ratio, "median_seconds": (ours_s, base_s), "ours_accuracy": ours_acc,
-            "baseline_accuracy": base_acc, "delta_points": 100 * (ours_acc - base_acc), "augment": augment,
+            "baseline_accuracy": base_acc, "delta_points": 100 * (ours_acc - base_acc), "augment": config.augment,
+            "defaults": augment is None,
             "train_images": len(manifest.samples("train"))}
 
 
-def bench_transfer(settings: Settings, source: engine.TrainResult, device: torch.device, workdir: Path) -> dict:
+def bench_transfer(settings: Settings, source: Pretrained, device: torch.device, workdir: Path) -> dict:
     """Few-shot target: feature extraction from the source model against random
     weights, both as feature extraction (the same config) and as FULL training of
     the whole network (what "from scratch" usually means); the better of the two
@@ -491,7 +551,7 @@ def bench_transfer(settings: Settings, source: engine.TrainResult, device: torch
 EXPLICIT = (S.STRATEGY_FEATURE_EXTRACTION, S.STRATEGY_PARTIAL, S.STRATEGY_FULL, S.STRATEGY_PROGRESSIVE_UNFREEZING, S.STRATEGY_PROTOTYPE)
 
 
-def bench_auto(settings: Settings, source: engine.TrainResult, device: torch.device, workdir: Path) -> dict:
+def bench_auto(settings: Settings, source: Pretrained, device: torch.device, workdir: Path) -> dict:
     rows = []
     for size in settings.auto_sizes:
         manifest = shapes(workdir / f"auto-{size}", TARGET_SHAPES, settings, train=size, seed=51 + size)
@@ -571,7 +631,8 @@ def report_feature_cache(r: dict) -> str:
                  statistics.median(b["seconds"] for b in r["baseline"]), r["ratio"], r["ours_accuracy"], r["baseline_accuracy"]])
     profile = {stage: statistics.median(o["profile"].get(stage, 0.0) for o in r["ours"]) for stage in r["ours"][0]["profile"]}
     profile_text = table(["ours, per fine_tune call (median)", "seconds"], [[k, v] for k, v in profile.items()])
-    title = f"10-epoch feature extraction, augment {'on' if r['augment'] else 'off'} ({r['ours'][0]['views']} cached view(s))"
+    title = (f"10-epoch feature extraction{' (defaults)' if r['defaults'] else ''}, augment {'on' if r['augment'] else 'off'} "
+             f"({r['ours'][0]['views']} cached view(s))")
     return table([title, "ours s", "of it cache s", "baseline s", "speed-up", "ours test acc", "baseline test acc"], rows) + "\n\n" + profile_text
 
 
@@ -607,12 +668,13 @@ def main(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tlserve-bench-", dir=args.tmp))
     figures: dict[str, float] = {}
     try:
-        source = train_source(settings, device, workdir)
+        source = load_or_train_source(settings, device, workdir, None if args.retrain_source else args.cache_dir)
         say(f"source model: {settings.backbone} from scratch on {len(SOURCE_SHAPES)} SOURCE_SHAPES, "
-            f"{settings.source_train}/class, {source.result.epochs_run} epochs in {source.wall:.0f} s: "
+            f"{settings.source_train}/class, {source.epochs_run} epochs in {source.seconds:.0f} s"
+            f"{' (an earlier run, loaded from ' + str(args.cache_dir) + ')' if source.from_cache else ''}: "
             f"test accuracy {source.test_accuracy:.3f} (chance {1 / len(SOURCE_SHAPES):.3f})\n")
 
-        full = bench_full_finetune(settings, source.result, device, workdir)
+        full = bench_full_finetune(settings, source, device, workdir)
         say(f"## 1. full fine-tune throughput: {full['images_per_epoch']} images × {settings.speed_epochs} epochs, "
             f"batch {full['config'].batch_size}, training epochs only")
         say(report_full_finetune(full) + "\n")
@@ -620,24 +682,28 @@ def main(args: argparse.Namespace) -> int:
 
         say("## 2. feature extraction with the feature cache against the frozen-backbone loop (wall time of training)")
         cache = {}
-        for augment in (True, False):
-            cache[augment] = bench_feature_cache(settings, source.result, device, workdir, augment=augment)
+        for augment in (None, True):
+            cache[augment] = bench_feature_cache(settings, source, device, workdir, augment=augment)
             say(report_feature_cache(cache[augment]) + "\n")
-        figures["feature_cache_speed_ratio"] = cache[True]["ratio"]
-        figures["feature_cache_accuracy_delta"] = cache[True]["delta_points"]
+        vs_augmented = 100 * (cache[None]["ours_accuracy"] - cache[True]["baseline_accuracy"])
+        say(f"defaults ({'augmentation on' if cache[None]['augment'] else 'no augmentation'}, cached) against the augmented "
+            f"frozen-backbone loop: {vs_augmented:+.2f} points of test accuracy\n")
+        figures["feature_cache_speed_ratio"] = cache[None]["ratio"]
+        figures["feature_cache_accuracy_delta"] = cache[None]["delta_points"]
 
         say(f"## 3. transfer against scratch, {settings.fewshot_train} training images per class, {settings.test}/class test")
-        transfer = bench_transfer(settings, source.result, device, workdir)
+        transfer = bench_transfer(settings, source, device, workdir)
         say(report_transfer(transfer) + "\n(compared with the better scratch variant)\n")
         figures["transfer_minus_scratch_accuracy"] = transfer["delta_points"]
 
         say("## 4. AUTO against the best explicit strategy (test accuracy, from the source model)")
-        auto = bench_auto(settings, source.result, device, workdir)
+        auto = bench_auto(settings, source, device, workdir)
         say(report_auto(auto) + "\n")
         figures["auto_gap_to_best_points"] = auto["worst_gap"]
 
-        figures["feature_cache_speed_ratio_no_augment"] = cache[False]["ratio"]
-        figures["feature_cache_accuracy_delta_no_augment"] = cache[False]["delta_points"]
+        figures["feature_cache_speed_ratio_augmented"] = cache[True]["ratio"]
+        figures["feature_cache_accuracy_delta_augmented"] = cache[True]["delta_points"]
+        figures["feature_cache_defaults_minus_augmented_loop_accuracy"] = vs_augmented
         figures["source_test_accuracy"] = source.test_accuracy
         figures["runtime_seconds"] = time.perf_counter() - started
     finally:
@@ -651,6 +717,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="small data, few repeats: a few minutes on 2 CPU cores")
     parser.add_argument("--device", default="", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--tmp", type=Path, default=None, help="where the temporary datasets go (default: the system's)")
+    parser.add_argument("--cache-dir", type=Path, default=Path(__file__).resolve().parent.parent / "var" / "bench-cache",
+                        help="where the trained source model is kept between runs (default: var/bench-cache)")
+    parser.add_argument("--retrain-source", action="store_true", help="train the source model even when one is cached (and don't keep it)")
     return parser
 
 

@@ -91,3 +91,22 @@ def test_table_aligns_columns_and_formats_floats():
     assert lines[0] == "| a      | bb    |"
     assert lines[2] == "| x      | 0.500 |"
     assert len({len(line) for line in lines}) == 1
+
+
+def test_the_source_model_is_kept_between_runs_under_a_key_of_its_settings(tmp_path, monkeypatch):
+    settings = dataclasses.replace(TINY, source_train=2, source_epochs=1, val=1)
+    cache = tmp_path / "cache"
+    trained = finetune.load_or_train_source(settings, CPU, tmp_path / "w1", cache)
+    assert not trained.from_cache and len(list(cache.glob("source-*.pt"))) == 1
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(finetune, "train_source", no_training)
+    loaded = finetune.load_or_train_source(settings, CPU, tmp_path / "w2", cache)
+    assert loaded.from_cache and loaded.preprocessing == trained.preprocessing
+    assert loaded.test_accuracy == trained.test_accuracy and loaded.epochs_run == trained.epochs_run == 1
+    assert all(torch.equal(loaded.state_dict[k], v) for k, v in trained.state_dict.items())
+    # Other settings, another key: it would train (and here, refuses to).
+    with pytest.raises(AssertionError, match="trained again"):
+        finetune.load_or_train_source(dataclasses.replace(settings, source_epochs=2), CPU, tmp_path / "w3", cache)
