@@ -48,7 +48,6 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import platform
 import shutil
 import statistics
 import sys
@@ -66,6 +65,8 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torchvision.datasets import ImageFolder  # noqa: E402
 
+from bench import common  # noqa: E402
+from bench.common import table  # noqa: E402
 from client.tlserve.v1 import tlserve_pb2 as pb  # noqa: E402
 from service import backbones  # noqa: E402
 from service.manifest import Manifest  # noqa: E402
@@ -575,30 +576,15 @@ def bench_auto(settings: Settings, source: Pretrained, device: torch.device, wor
 # -- report ------------------------------------------------------------------------------
 
 
-def table(headers: list[str], rows: list[list]) -> str:
-    cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else f"{c:.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
-
-
 def final_lines(figures: dict[str, float]) -> list[str]:
     """`name: value`, the required figures first in FIGURES order, then any others."""
-    names = [n for n in FIGURES if n in figures] + [n for n in figures if n not in FIGURES]
-    return [f"{name}: {figures[name]:.2f}" for name in names]
+    return common.final_lines(figures, FIGURES)
 
 
 def machine() -> dict[str, str]:
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return {
-        "cpu": cpu,
-        "cores (usable)": str(data.available_cpus()),
+        "cpu": common.cpu_name(),
+        "cores (usable)": str(common.usable_cores()),
         "torch threads": f"{torch.get_num_threads()} (torch default, not changed)",
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,

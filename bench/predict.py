@@ -38,12 +38,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import datetime
 import io
 import json
-import os
 import platform
 import shutil
 import statistics
@@ -58,6 +56,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import numpy as np  # noqa: E402
 
+from bench import common  # noqa: E402
 from client.tlserve.v1 import tlserve_pb2 as pb  # noqa: E402
 
 FIGURES = (
@@ -349,17 +348,12 @@ def bench_grpc(address: str, model: str, settings: Settings, kinds=("tensor", "j
 
 
 def table(headers: list[str], rows: list[list]) -> str:
-    cells = [[str(h) for h in headers]] + [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return common.table(headers, rows, digits=2)
 
 
 def final_lines(figures: dict[str, float]) -> list[str]:
     """`name: value`, the required figures first in FIGURES order, then any others."""
-    names = [n for n in FIGURES if n in figures] + [n for n in figures if n not in FIGURES]
-    return [f"{name}: {figures[name]:.2f}" for name in names]
+    return common.final_lines(figures, FIGURES)
 
 
 def headline_figures(inprocess: dict, on: dict, off: dict) -> dict[str, float]:
@@ -378,14 +372,8 @@ def machine() -> dict[str, str]:
     import onnxruntime
     import torch
 
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return {
-        "cpu": cpu, "cores": str(len(os.sched_getaffinity(0))), "torch": torch.__version__,
+        "cpu": common.cpu_name(), "cores": str(common.usable_cores()), "torch": torch.__version__,
         "torch threads": str(torch.get_num_threads()), "onnxruntime": onnxruntime.__version__,
         "python": platform.python_version(),
     }

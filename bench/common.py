@@ -1,0 +1,43 @@
+"""What every benchmark prints the same way: markdown tables, the machine it ran
+on, and the closing `name: value` lines (the required figures first)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def table(headers: list[str], rows: list[list], *, digits: int = 3) -> str:
+    """A markdown table; floats with `digits` decimals, columns padded to align."""
+    cells = [[str(h) for h in headers]] + [[f"{c:.{digits}f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def final_lines(figures: dict[str, float], required: Iterable[str]) -> list[str]:
+    """`name: value` with two decimals, the `required` figures first in their
+    order, then any others in the order they were added."""
+    required = list(required)
+    names = [n for n in required if n in figures] + [n for n in figures if n not in required]
+    return [f"{name}: {figures[name]:.2f}" for name in names]
+
+
+def cpu_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (platform's guess elsewhere)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
