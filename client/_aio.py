@@ -206,6 +206,7 @@ class AsyncClient:
         batch_size: int | None = None,
         learning_rate: float | None = None,
         optimizer: str | int | None = None,
+        patience: int | None = None,
         training: pb.TrainingOptions | None = None,
         augmentation: pb.AugmentationOptions | None = None,
         devices: int | None = None,

@@ -210,6 +210,7 @@ class Client:
         batch_size: int | None = None,
         learning_rate: float | None = None,
         optimizer: str | int | None = None,
+        patience: int | None = None,
         training: pb.TrainingOptions | None = None,
         augmentation: pb.AugmentationOptions | None = None,
         devices: int | None = None,
@@ -223,7 +224,7 @@ class Client:
 
         `weights` is a spec ("DEFAULT", "none", "file:PATH", "model:NAME[:V]")
         or a WeightsSource; epochs, batch_size, learning_rate and optimizer
-        fill `training`.
+        fill `training`, and patience its early stopping (0: every epoch runs).
         """
         # The keywords are exactly fine_tune_request's; pass them on by name.
         kw = {k: v for k, v in locals().items() if k not in ("self", "request", "timeout")}

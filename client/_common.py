@@ -283,7 +283,8 @@ def fine_tune_request(request: pb.FineTuneRequest | None = None, **kw: Any) -> p
 
     Keywords: the request's own fields, `weights` as a spec string or a
     WeightsSource, `strategy`/`optimizer` as names or enum values, and the
-    TrainingOptions shortcuts epochs, batch_size, learning_rate, optimizer.
+    TrainingOptions shortcuts epochs, batch_size, learning_rate, optimizer and
+    patience (early stopping's).
     """
     given = {k: v for k, v in kw.items() if v is not None}
     if request is not None:
@@ -300,6 +301,9 @@ def fine_tune_request(request: pb.FineTuneRequest | None = None, **kw: Any) -> p
     for key in _TRAINING_KEYWORDS & given.keys():
         value = given.pop(key)
         setattr(req.training, key, enum_value(pb.Optimizer, value) if key == "optimizer" else value)
+    if "patience" in given:
+        req.training.early_stopping.SetInParent()  # present even at 0 (no early stopping)
+        req.training.early_stopping.patience = given.pop("patience")
     weights = given.pop("weights", None)
     if weights is not None:
         req.weights.CopyFrom(parse_weights(weights) if isinstance(weights, str) else weights)

@@ -447,6 +447,7 @@ def cmd_finetune(tl: Client, args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         learning_rate=args.lr,
         optimizer=args.optimizer,
+        patience=args.patience,
         devices=args.devices,
         seed=args.seed,
         image_size=args.image_size,
@@ -897,6 +898,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="learning rate of the head")
     p.add_argument("--optimizer", choices=list(enum_choices(pb.Optimizer, "OPTIMIZER_")))
+    p.add_argument("--patience", type=int, metavar="EPOCHS",
+                   help="early stopping: epochs without a better val accuracy before the job stops (default 5; 0 runs every epoch)")
     p.add_argument("--devices", type=int, help="devices to train on; >1 runs DDP")
     p.add_argument("--seed", type=int)
     p.add_argument("--image-size", type=int, help="input resolution (default: the weights' crop size)")

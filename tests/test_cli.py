@@ -119,7 +119,7 @@ def test_upload_finetune_watch_and_list_from_the_command_line(live_server, tmp_p
     run = tlserve(
         *address, "finetune", "--dataset", "cli-shapes", "--model-name", "cli-model", "--backbone",
         "mobilenet_v3_small", "--weights", "none", "--strategy", "feature_extraction", "--epochs", "1",
-        "--image-size", "32", "--watch", timeout=300,
+        "--image-size", "32", "--patience", "0", "--watch", timeout=300,
     )
     assert run.returncode == 0, run.stderr
     assert "SUCCEEDED" in run.stdout + run.stderr
@@ -129,3 +129,6 @@ def test_upload_finetune_watch_and_list_from_the_command_line(live_server, tmp_p
     assert model["backbone"] == "mobilenet_v3_small" and model["version"] == 1
     jobs = tlserve(*address, "jobs")
     assert jobs.returncode == 0 and "SUCCEEDED" in jobs.stdout.upper()
+    listed = tlserve(*address, "--json", "jobs")
+    (job,) = [j for j in json.loads(listed.stdout)["jobs"] if j["request"]["model_name"] == "cli-model"]
+    assert job["request"]["training"]["early_stopping"]["patience"] == 0  # set, to 0: every epoch runs

@@ -210,7 +210,17 @@ def test_fine_tune_keywords_fill_the_request_and_training_options():
     assert req.training.learning_rate == pytest.approx(1e-3)
     assert req.training.optimizer == pb.OPTIMIZER_ADAMW
     assert not req.training.HasField("momentum")  # unset optionals stay unset: server defaults
+    assert not req.training.HasField("early_stopping")
     assert req.seed == 7 and dict(req.labels) == {"team": "cv"}
+
+
+def test_fine_tune_patience_zero_turns_early_stopping_off_rather_than_leaving_the_default():
+    req = c.fine_tune_request(dataset="d", model_name="m", backbone="b", patience=0)
+    assert req.training.HasField("early_stopping") and req.training.early_stopping.patience == 0
+    from service.training.config import TrainConfig
+
+    config = TrainConfig.from_request(req, num_classes=2, train_images_per_class=10, device_type="cpu")
+    assert config.patience == 0
 
 
 def test_fine_tune_takes_a_request_or_keywords_not_both():
