@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, serving
 
 
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory):
     """One real server for the session's read-only integration tests."""
-    server = ServerProcess(tmp_path_factory.mktemp("live") / "home").start()
-    yield server
-    code = server.terminate()
-    assert code == 0, f"server exited with {code}:\n{server.log()}"
+    with serving(tmp_path_factory.mktemp("live") / "home") as server:
+        yield server
 
 
 @pytest.fixture
@@ -36,6 +34,16 @@ def client(live_server):
     import client as tlclient
 
     with tlclient.Client(live_server.address, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tl(server):
+    """A client of the module's own `server` fixture: each integration module
+    starts the server its tests need (home, flags) and shares this client."""
+    import client as tlclient
+
+    with tlclient.Client(server.address, timeout=300) as c:
         yield c
 
 

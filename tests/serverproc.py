@@ -1,12 +1,14 @@
 """Starts a real tlserve server in a child process, as an operator would.
 
 The server binds port 0 for gRPC and metrics and writes the addresses it bound
-to a ready file; `ServerProcess.start()` waits for that file. Used by the
-integration tests' fixtures and by the demo.
+to a ready file; `ServerProcess.start()` waits for that file; `serving()` holds
+one for a block and checks that it then stops cleanly. Used by the integration
+tests' fixtures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -14,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 
 class ServerProcess:
@@ -67,3 +70,17 @@ class ServerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+@contextlib.contextmanager
+def serving(home: pathlib.Path, *extra_args: str, **kwargs) -> Iterator[ServerProcess]:
+    """A started server for the block; afterwards SIGTERM must stop it with exit
+    code 0 (a graceful drain), else the block's user sees the server's log."""
+    server = ServerProcess(home, *extra_args, **kwargs).start()
+    try:
+        yield server
+    except BaseException:
+        server.kill()
+        raise
+    code = server.terminate()
+    assert code == 0, f"server exited with {code}:\n{server.log()}"

@@ -37,7 +37,7 @@ from service.errors import FailedPrecondition, InvalidArgument
 from service.manifest import Manifest
 from service.profiling import compare
 from service.training import strategies
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, serving
 
 COLOURS = {"blue": (50, 60, 210), "green": (40, 180, 60), "red": (200, 40, 40)}
 PAIR = ["mobilenet_v3_small", "resnet18"]
@@ -196,15 +196,8 @@ def test_a_size_that_a_backbone_cannot_take_is_refused_before_any_work():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = ServerProcess(tmp_path_factory.mktemp("compare") / "home", "--inference-threads", "1").start()
-    yield server
-    assert server.terminate() == 0, server.log()
-
-
-@pytest.fixture(scope="module")
-def tl(server):
-    with tlclient.Client(server.address, timeout=120) as c:
-        yield c
+    with serving(tmp_path_factory.mktemp("compare") / "home", "--inference-threads", "1") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

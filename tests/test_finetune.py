@@ -21,7 +21,7 @@ import torchvision
 import client as tlclient
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service.training.synthetic import TARGET_SHAPES, write_image_folder
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, serving
 
 BACKBONE = "mobilenet_v3_small"
 TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
@@ -59,17 +59,10 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, data_root):
-    server = ServerProcess(
+    with serving(
         tmp_path_factory.mktemp("ft") / "home", "--data-root", str(data_root), "--job-workers", "2"
-    ).start()
-    yield server
-    assert server.terminate() == 0, server.log()
-
-
-@pytest.fixture(scope="module")
-def tl(server):
-    with tlclient.Client(server.address, timeout=60) as c:
-        yield c
+    ) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ import client as tlclient
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service.manifest import Manifest
 from tests.modelfactory import published_model
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, serving
 from tests.test_metrics_units import catalogue, system_tool
 
 FP32 = "onnx-fp32-float_nchw"
@@ -54,15 +54,8 @@ def made(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(made):
     settings, _ = made
-    server = ServerProcess(settings.home, "--data-root", str(settings.data_root)).start()
-    yield server
-    assert server.terminate() == 0, server.log()
-
-
-@pytest.fixture(scope="module")
-def tl(server):
-    with tlclient.Client(server.address, timeout=120) as c:
-        yield c
+    with serving(settings.home, "--data-root", str(settings.data_root)) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ import client as tlclient
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service.manifest import Manifest
 from tests.modelfactory import published_model
-from tests.serverproc import ServerProcess
+from tests.serverproc import serving
 
 MAX_PIXELS = 100_000
 MAX_MESSAGE = 2_000_000
@@ -41,18 +41,11 @@ def made(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(made):
     home, settings, _ = made
-    server = ServerProcess(
+    with serving(
         home, "--data-root", str(settings.data_root), "--max-image-pixels", str(MAX_PIXELS),
         "--max-receive-message-bytes", str(MAX_MESSAGE),
-    ).start()
-    yield server
-    assert server.terminate() == 0, server.log()
-
-
-@pytest.fixture(scope="module")
-def tl(server):
-    with tlclient.Client(server.address, timeout=120) as c:
-        yield c
+    ) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

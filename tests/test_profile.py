@@ -15,7 +15,7 @@ import client as tlclient
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service.manifest import Manifest
 from tests.modelfactory import published_model
-from tests.serverproc import ServerProcess
+from tests.serverproc import serving
 
 ITERATIONS = 12
 
@@ -30,15 +30,8 @@ def made(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(made):
     home, settings, _ = made
-    server = ServerProcess(home, "--data-root", str(settings.data_root), "--inference-threads", "1").start()
-    yield server
-    assert server.terminate() == 0, server.log()
-
-
-@pytest.fixture(scope="module")
-def tl(server):
-    with tlclient.Client(server.address, timeout=300) as c:
-        yield c
+    with serving(home, "--data-root", str(settings.data_root), "--inference-threads", "1") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
