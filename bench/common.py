@@ -4,7 +4,6 @@ on, and the closing `name: value` lines (the required figures first)."""
 from __future__ import annotations
 
 import contextlib
-import os
 import platform
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,10 +33,3 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1

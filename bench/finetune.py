@@ -584,7 +584,7 @@ def final_lines(figures: dict[str, float]) -> list[str]:
 def machine() -> dict[str, str]:
     return {
         "cpu": common.cpu_name(),
-        "cores (usable)": str(common.usable_cores()),
+        "cores (usable)": str(data.available_cpus()),
         "torch threads": f"{torch.get_num_threads()} (torch default, not changed)",
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,

@@ -372,8 +372,10 @@ def machine() -> dict[str, str]:
     import onnxruntime
     import torch
 
+    from service.training.data import available_cpus
+
     return {
-        "cpu": common.cpu_name(), "cores": str(common.usable_cores()), "torch": torch.__version__,
+        "cpu": common.cpu_name(), "cores": str(available_cpus()), "torch": torch.__version__,
         "torch threads": str(torch.get_num_threads()), "onnxruntime": onnxruntime.__version__,
         "python": platform.python_version(),
     }
