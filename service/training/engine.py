@@ -671,7 +671,7 @@ def decide_strategy(job: _Job) -> pb.StrategyDecision:
         groups = {
             S.STRATEGY_PARTIAL: min(config.trainable_groups, below),
             S.STRATEGY_FULL: below,
-            S.STRATEGY_PROGRESSIVE_UNFREEZING: min((config.epochs - 1) // config.epochs_per_phase, below),
+            S.STRATEGY_PROGRESSIVE_UNFREEZING: _progressive_reach(config, below),
         }.get(config.strategy, 0)
         return strategies.requested(config.strategy, images_per_class, num_classes, groups)
     if config.from_scratch:
@@ -684,11 +684,16 @@ def decide_strategy(job: _Job) -> pb.StrategyDecision:
         device=job.device, dtype=job.amp, check=job.check, seed=config.seed,
     )
     probe = strategies.probe_accuracy(features, probe_labels, num_classes)
-    progressive = config.resolved(S.STRATEGY_PROGRESSIVE_UNFREEZING, 0)
-    reach = min((progressive.epochs - 1) // progressive.epochs_per_phase, below)
+    reach = _progressive_reach(config.resolved(S.STRATEGY_PROGRESSIVE_UNFREEZING, 0), below)
     decision = strategies.decide(images_per_class, probe, num_classes, below, progressive_groups=reach)
     job.progress.phase(pb.JOB_PHASE_PREPARING, f"AUTO: {decision.reason}")
     return decision
+
+
+def _progressive_reach(config: TrainConfig, below: int) -> int:
+    """Groups below the head that progressive unfreezing has unfrozen by its last
+    epoch (phase 0 trains the head alone)."""
+    return min((config.epochs - 1) // config.epochs_per_phase, below)
 
 
 # -- stage: prototype -----------------------------------------------------------------
