@@ -15,15 +15,17 @@ For each backbone (224 × 224 unless --image-size says otherwise):
    PyTorch model in eager mode (`torch.inference_mode`, default threads), at batch 1,
    8 and 32, in this process. The two sides alternate; the ratio is the median
    PyTorch time ÷ the median ONNX Runtime time (> 1: ONNX Runtime is faster).
-3. `bench_grpc`: Predict from a separate client process (`--load`: one asyncio
-   loop, C calls in flight, the request serialised once) at concurrency 1, 8 and
-   32, with raw uint8 tensors already at the model's input size (the server's fast
-   path: no decode, no resize) and with JPEG camera frames (640 × 480; decode share
-   reported), once with dynamic batching on (the server's defaults) and once off
-   (`--max-batch-size 1`). Throughput and p50/p99 latency; at concurrency 1 the
-   overhead is the p50 over gRPC minus the in-process ONNX Runtime p50 at batch 1,
-   at concurrency C the throughput is compared with in-process ONNX Runtime at
-   batch C (the ceiling of what batching can reach).
+3. `bench_grpc`: Predict from a separate client process (`LoadClient`: one asyncio
+   loop and one channel, C calls in flight, the request serialised once) at
+   concurrency 1, 8 and 32, with raw uint8 tensors already at the model's input size
+   (the server's fast path: no decode, no resize) and with JPEG camera frames
+   (640 × 480; decode share reported), once with dynamic batching on (the server's
+   defaults) and once off (`--max-batch-size 1`). Each measurement is `rounds`
+   rounds, and each round is paired with an in-process ONNX Runtime measurement at
+   batch C (the ceiling of what batching can reach) run right before or after it
+   (`paired_load`): at concurrency 1 the overhead is the gRPC p50 minus the
+   in-process p50 of its round, at concurrency C the ratio is gRPC images/s ÷
+   in-process images/s of its round; the figures are medians over rounds.
 4. `bench_precisions`: FP16 and INT8 against FP32: in-process speed at batch 1 and
    8 and file size of the benchmark-size model, and the test accuracy ExportModel
    measured on a second model of the same backbone trained in full at 32 px
@@ -80,16 +82,17 @@ class Settings:
     batches: tuple[int, ...] = (1, 8, 32)
     concurrencies: tuple[int, ...] = (1, 8, 32)
     inprocess_seconds: float = 2.0  # per side and batch size, split into alternating rounds
-    rounds: int = 4
-    load_seconds: float = 4.0  # per gRPC measurement, after a warm-up
+    rounds: int = 4  # in-process: alternating rounds; gRPC: rounds paired with in-process ones
+    load_seconds: float = 8.0  # per gRPC measurement (all its rounds), after a warm-up
     warmup_seconds: float = 1.0
+    paired_inprocess_seconds: float = 1.0  # the in-process side of each gRPC round
 
 
 SETTINGS = {
     "quick": Settings(backbones=("resnet18",)),
     "full": Settings(
         backbones=("resnet18", "mobilenet_v3_large", "efficientnet_b0"),
-        train_per_class=16, inprocess_seconds=4.0, rounds=6, load_seconds=8.0, warmup_seconds=2.0,
+        train_per_class=16, inprocess_seconds=4.0, rounds=6, load_seconds=12.0, warmup_seconds=2.0,
     ),
 }
 
@@ -282,38 +285,46 @@ def predict_request_bytes(model: str, kind: str, size: int) -> bytes:
     return pb.PredictRequest(model=pb.ModelRef(name=model), images=[image], top_k=1).SerializeToString()
 
 
-async def _load(address: str, request: bytes, concurrency: int, seconds: float, warmup: float) -> dict:
+async def _load_rounds(address: str, request: bytes, commands) -> None:
+    """The load client's loop: one channel for the whole session (as a backend service
+    keeps its connection); each command {"concurrency", "seconds", "warmup"} runs
+    `concurrency` callers, each with one call in flight, and prints one JSON line."""
     import grpc
 
     async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
         # Serialised once: the client's own CPU cost stays out of the server's figures.
         predict = channel.unary_unary(PREDICT, request_serializer=None, response_deserializer=pb.PredictResponse.FromString)
-        latencies: list[float] = []
-        errors: dict[str, int] = {}
-        recording = False
+        for command in commands:
+            result = await _load(predict, request, command["concurrency"], command["seconds"], command["warmup"])
+            print(json.dumps(result), flush=True)
 
-        async def caller(stop_at: float) -> None:
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                try:
-                    await predict(request, timeout=30)
-                except grpc.aio.AioRpcError as e:
-                    errors[e.code().name] = errors.get(e.code().name, 0) + 1
-                    continue
-                if recording:
-                    latencies.append(time.perf_counter() - t0)
 
+async def _load(predict, request: bytes, concurrency: int, seconds: float, warmup: float) -> dict:
+    import grpc
+
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    recording = False
+
+    async def caller(stop_at: float) -> None:
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            try:
+                await predict(request, timeout=30)
+            except grpc.aio.AioRpcError as e:
+                errors[e.code().name] = errors.get(e.code().name, 0) + 1
+                continue
+            if recording:
+                latencies.append(time.perf_counter() - t0)
+
+    if warmup > 0:
         await asyncio.gather(*(caller(time.perf_counter() + warmup) for _ in range(concurrency)))
-        recording = True
-        start = time.perf_counter()
-        await asyncio.gather(*(caller(start + seconds) for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    latencies.sort()
-    return {
-        "concurrency": concurrency, "calls": len(latencies), "errors": errors,
-        "images_per_second": len(latencies) / wall,
-        "p50_ms": percentile(latencies, 50) * 1e3, "p99_ms": percentile(latencies, 99) * 1e3,
-    }
+    recording = True
+    start = time.perf_counter()
+    await asyncio.gather(*(caller(start + seconds) for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    return {"concurrency": concurrency, "wall_s": wall, "errors": errors,
+            "latencies_ms": [round(t * 1e3, 3) for t in latencies]}
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -324,24 +335,105 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
-def run_load(address: str, model: str, kind: str, concurrency: int, settings: Settings) -> dict:
-    """One measurement from a separate client process (`--load`)."""
-    out = subprocess.run(
-        [sys.executable, __file__, "--load", address, "--model", model, "--input", kind,
-         "--concurrency", str(concurrency), "--seconds", str(settings.load_seconds),
-         "--warmup", str(settings.warmup_seconds), "--image-size", str(settings.image_size)],
-        check=True, capture_output=True, text=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+class LoadClient:
+    """A separate client process (this file with `--load`) holding one channel to the
+    server; `run` sends it one measurement and returns its latencies."""
+
+    def __init__(self, address: str, model: str, kind: str, image_size: int) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, __file__, "--load", address, "--model", model, "--input", kind,
+             "--image-size", str(image_size)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+
+    def run(self, concurrency: int, seconds: float, warmup: float = 0.0) -> dict:
+        command = {"concurrency": concurrency, "seconds": seconds, "warmup": warmup}
+        self._proc.stdin.write(json.dumps(command) + "\n")
+        self._proc.stdin.flush()
+        line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the load client exited with {self._proc.wait()}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self._proc.stdin.close()
+        self._proc.wait(30)
 
 
-def bench_grpc(address: str, model: str, settings: Settings, kinds=("tensor", "jpeg")) -> dict:
+class InProcess:
+    """The reference: the exported FP32 graph in an ONNX Runtime session in this
+    process, with the server's session options, on random inputs."""
+
+    def __init__(self, path: Path, image_size: int) -> None:
+        self._session = ort_session(path)
+        self._inputs: dict[int, np.ndarray] = {}
+        self._size = image_size
+
+    def run(self, batch: int, seconds: float) -> list[float]:
+        """Per-call seconds at `batch` for about `seconds` (after one warm-up call)."""
+        x = self._inputs.get(batch)
+        if x is None:
+            x = self._inputs[batch] = np.random.default_rng(0).standard_normal(
+                (batch, 3, self._size, self._size), dtype=np.float32)
+            self._session.run(["logits"], {"input": x})
+        return timed_calls(lambda: self._session.run(["logits"], {"input": x}), seconds, min_calls=2)
+
+
+def paired_load(client: LoadClient, reference: InProcess, concurrency: int, batch: int, settings: Settings) -> dict:
+    """`settings.rounds` rounds, each a gRPC measurement at `concurrency` next to an
+    in-process one at `batch` (alternately first and second): the machine's speed
+    drifts over seconds here (shared cores), and the two sides of a round see the same
+    machine. Per round: gRPC p50 minus in-process p50, and gRPC images/s ÷ in-process
+    images/s; the figures are the medians over rounds."""
+    client.run(concurrency, 0.0, warmup=settings.warmup_seconds)
+    per_round = settings.load_seconds / settings.rounds
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    calls, wall = 0, 0.0
+    added_ms: list[float] = []
+    ratios: list[float] = []
+    reference_times: list[float] = []
+    for r in range(settings.rounds):
+        first = r % 2 == 0
+        ref = reference.run(batch, settings.paired_inprocess_seconds) if first else None
+        got = client.run(concurrency, per_round)
+        if not first:
+            ref = reference.run(batch, settings.paired_inprocess_seconds)
+        lat = sorted(got["latencies_ms"])
+        for code, n in got["errors"].items():
+            errors[code] = errors.get(code, 0) + n
+        if not lat:
+            continue
+        ref_p50 = statistics.median(ref)
+        reference_times.extend(ref)
+        added_ms.append(statistics.median(lat) - ref_p50 * 1e3)
+        ratios.append((len(lat) / got["wall_s"]) / (batch / ref_p50))
+        latencies.extend(lat)
+        calls += len(lat)
+        wall += got["wall_s"]
+    latencies.sort()
     return {
-        (kind, c): run_load(address, model, kind, c, settings)
-        for kind in kinds
-        for c in settings.concurrencies
-        if kind == "tensor" or c in (1, 8)
+        "concurrency": concurrency, "calls": calls, "errors": errors,
+        "images_per_second": calls / wall if wall else 0.0,
+        "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
+        "inprocess_batch": batch, "inprocess_p50_ms": statistics.median(reference_times) * 1e3,
+        "inprocess_images_per_second": batch / statistics.median(reference_times),
+        "added_ms": statistics.median(added_ms) if added_ms else float("nan"),
+        "ratio": statistics.median(ratios) if ratios else 0.0,
     }
+
+
+def bench_grpc(address: str, model: str, reference: InProcess, settings: Settings, kinds=("tensor", "jpeg")) -> dict:
+    results = {}
+    for kind in kinds:
+        client = LoadClient(address, model, kind, settings.image_size)
+        try:
+            for c in settings.concurrencies:
+                if kind == "tensor" or c in (1, 8):
+                    results[(kind, c)] = paired_load(client, reference, c, min(c, max(settings.batches)), settings)
+        finally:
+            client.close()
+    return results
 
 
 # -- report -----------------------------------------------------------------------------
@@ -357,13 +449,15 @@ def final_lines(figures: dict[str, float]) -> list[str]:
 
 
 def headline_figures(inprocess: dict, on: dict, off: dict) -> dict[str, float]:
-    """The required figures from one backbone's measurements."""
+    """The required figures from one backbone's measurements. The gRPC figures are the
+    medians over rounds paired with in-process ones (`paired_load`); batching on ÷ off
+    compares the two servers' paired ratios, so drift between them cancels too."""
     return {
         "ort_vs_torch_ratio_b1": inprocess[1]["ratio"],
         "ort_vs_torch_ratio_b8": inprocess[8]["ratio"],
-        "grpc_vs_inprocess_ratio_c8": on[("tensor", 8)]["images_per_second"] / inprocess[8]["ort_images_per_second"],
-        "grpc_overhead_ms_c1": on[("tensor", 1)]["p50_ms"] - inprocess[1]["ort_p50_ms"],
-        "batching_gain_c8": on[("tensor", 8)]["images_per_second"] / off[("tensor", 8)]["images_per_second"],
+        "grpc_vs_inprocess_ratio_c8": on[("tensor", 8)]["ratio"],
+        "grpc_overhead_ms_c1": on[("tensor", 1)]["added_ms"],
+        "batching_gain_c8": on[("tensor", 8)]["ratio"] / off[("tensor", 8)]["ratio"],
         "p99_ms_c8": on[("tensor", 8)]["p99_ms"],
     }
 
@@ -420,7 +514,8 @@ def main(args: argparse.Namespace) -> int:
                 say(table(["batch", "ORT p50 ms", "torch p50 ms", "ORT img/s", "torch img/s", "torch ÷ ORT time"],
                           [[b, r["ort_p50_ms"], r["torch_p50_ms"], r["ort_images_per_second"],
                             r["torch_images_per_second"], r["ratio"]] for b, r in inprocess.items()]))
-                on = bench_grpc(server.address, model.name, settings)
+                reference = InProcess(artifact_file(home, model, pb.PRECISION_FP32), settings.image_size)
+                on = bench_grpc(server.address, model.name, reference, settings)
             except BaseException:
                 print("server log (tail):\n" + "\n".join(server.log().splitlines()[-40:]), file=sys.stderr)
                 raise
@@ -428,19 +523,21 @@ def main(args: argparse.Namespace) -> int:
                 server.terminate()
             server = start_server(home, data_root, "--max-batch-size", "1")
             try:
-                off = bench_grpc(server.address, model.name, settings, kinds=("tensor",))
+                off = bench_grpc(server.address, model.name, reference, settings, kinds=("tensor",))
             finally:
                 server.terminate()
 
-            say("\n### 2. Predict over gRPC from another process (one image per call)")
+            say("\n### 2. Predict over gRPC from another process (one image per call), rounds paired with "
+                "in-process ONNX Runtime at batch C")
             rows = []
             for label, runs in (("on", on), ("off", off)):
                 for (kind, c), r in runs.items():
-                    ceiling = inprocess[min(c, max(settings.batches))]["ort_images_per_second"]
                     rows.append([kind, label, c, r["images_per_second"], r["p50_ms"], r["p99_ms"],
-                                 r["images_per_second"] / ceiling, sum(r["errors"].values())])
-            say(table(["input", "batching", "concurrency", "img/s", "p50 ms", "p99 ms",
-                       "÷ in-process ORT at batch=C", "errors"], rows))
+                                 r["inprocess_images_per_second"], r["inprocess_p50_ms"], r["ratio"], r["added_ms"],
+                                 sum(r["errors"].values())])
+            say(table(["input", "batching", "concurrency", "img/s", "p50 ms", "p99 ms", "in-process img/s",
+                       "in-process p50 ms", "÷ in-process (median of rounds)", "p50 added ms (median of rounds)",
+                       "errors"], rows))
             jpeg, tensor = on[("jpeg", 1)]["p50_ms"], on[("tensor", 1)]["p50_ms"]
             say(f"JPEG {CAMERA_FRAME[0]}×{CAMERA_FRAME[1]} at concurrency 1: p50 {jpeg:.2f} ms against {tensor:.2f} ms "
                 f"for a prepared tensor: decode and resize are {max(0.0, jpeg - tensor) / jpeg:.0%} of the call")
@@ -473,8 +570,7 @@ def main(args: argparse.Namespace) -> int:
 
 def load_main(args: argparse.Namespace) -> int:
     request = predict_request_bytes(args.model, args.input, args.image_size)
-    result = asyncio.run(_load(args.load, request, args.concurrency, args.seconds, args.warmup))
-    print(json.dumps(result))
+    asyncio.run(_load_rounds(args.load, request, (json.loads(line) for line in sys.stdin if line.strip())))
     return 0
 
 
@@ -486,13 +582,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tmp", type=Path, default=None, help="where the temporary homes go (default: the system's)")
     parser.add_argument("--accuracy-epochs", type=int, default=8,
                         help="epochs of the 32 px accuracy model (more on a GPU: from scratch it needs them)")
-    load = parser.add_argument_group("load client (internal: one measurement from its own process)")
+    load = parser.add_argument_group("load client (internal: measurements read as JSON lines from stdin)")
     load.add_argument("--load", default="", metavar="ADDRESS", help=argparse.SUPPRESS)
     load.add_argument("--model", default="", help=argparse.SUPPRESS)
     load.add_argument("--input", choices=("tensor", "jpeg"), default="tensor", help=argparse.SUPPRESS)
-    load.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
-    load.add_argument("--seconds", type=float, default=4.0, help=argparse.SUPPRESS)
-    load.add_argument("--warmup", type=float, default=1.0, help=argparse.SUPPRESS)
     return parser
 
 

@@ -16,18 +16,55 @@ def test_percentile_is_nearest_rank():
     assert predict.percentile([], 50) == 0.0
 
 
-def test_headline_figures_compare_grpc_with_inprocess_at_the_same_batch_size():
+def test_headline_figures_take_the_rounds_paired_with_inprocess_ones():
     inprocess = {1: {"ratio": 2.0, "ort_p50_ms": 10.0, "ort_images_per_second": 100.0},
                  8: {"ratio": 1.5, "ort_p50_ms": 70.0, "ort_images_per_second": 114.0}}
-    on = {("tensor", 1): {"p50_ms": 12.5, "images_per_second": 80.0, "p99_ms": 20.0},
-          ("tensor", 8): {"p50_ms": 75.0, "images_per_second": 108.3, "p99_ms": 90.0}}
-    off = {("tensor", 8): {"p50_ms": 80.0, "images_per_second": 95.0, "p99_ms": 99.0}}
+    on = {("tensor", 1): {"p50_ms": 12.5, "added_ms": 2.5, "ratio": 0.8, "p99_ms": 20.0},
+          ("tensor", 8): {"p50_ms": 75.0, "added_ms": 5.0, "ratio": 0.95, "p99_ms": 90.0}}
+    off = {("tensor", 8): {"p50_ms": 80.0, "added_ms": 10.0, "ratio": 0.76, "p99_ms": 99.0}}
     figures = predict.headline_figures(inprocess, on, off)
-    assert figures["grpc_overhead_ms_c1"] == pytest.approx(2.5)
-    assert figures["grpc_vs_inprocess_ratio_c8"] == pytest.approx(108.3 / 114.0)
-    assert figures["batching_gain_c8"] == pytest.approx(108.3 / 95.0)
+    assert figures["grpc_overhead_ms_c1"] == 2.5
+    assert figures["grpc_vs_inprocess_ratio_c8"] == 0.95
+    assert figures["batching_gain_c8"] == pytest.approx(0.95 / 0.76)
     assert figures["p99_ms_c8"] == 90.0
     assert figures["ort_vs_torch_ratio_b8"] == 1.5
+
+
+class _Client:
+    """Answers each measurement with calls of `latency_ms`, one at a time per caller."""
+
+    def __init__(self, latency_ms: float) -> None:
+        self.latency_ms = latency_ms
+        self.commands: list[tuple[int, float, float]] = []
+
+    def run(self, concurrency: int, seconds: float, warmup: float = 0.0) -> dict:
+        self.commands.append((concurrency, seconds, warmup))
+        calls = int(seconds * 1000 / self.latency_ms) * concurrency
+        return {"concurrency": concurrency, "wall_s": seconds, "errors": {}, "latencies_ms": [self.latency_ms] * calls}
+
+
+class _Reference:
+    def __init__(self, seconds_per_call: float) -> None:
+        self.seconds_per_call = seconds_per_call
+        self.batches: list[int] = []
+
+    def run(self, batch: int, seconds: float) -> list[float]:
+        self.batches.append(batch)
+        return [self.seconds_per_call] * 5
+
+
+def test_paired_load_compares_each_round_with_its_inprocess_neighbour():
+    settings = predict.Settings(backbones=("resnet18",), rounds=4, load_seconds=8.0, warmup_seconds=1.0)
+    client, reference = _Client(latency_ms=100.0), _Reference(seconds_per_call=0.08)
+    result = predict.paired_load(client, reference, concurrency=8, batch=8, settings=settings)
+    assert client.commands[0] == (8, 0.0, 1.0)  # a warm-up first, not recorded
+    assert client.commands[1:] == [(8, 2.0, 0.0)] * 4
+    assert reference.batches == [8] * 4
+    assert result["added_ms"] == pytest.approx(20.0)
+    # 8 callers × 10 calls/s = 80 images/s against 8 / 0.08 = 100 in-process
+    assert result["ratio"] == pytest.approx(0.8)
+    assert result["images_per_second"] == pytest.approx(80.0)
+    assert result["p50_ms"] == 100.0
 
 
 def test_final_lines_put_the_required_figures_first_in_order():
