@@ -19,7 +19,7 @@ from service import backbones
 from service.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from service.inference import cache, preprocess
 from service.inference.batcher import DynamicBatcher
-from service.inference.service import softmax, top_k
+from service.inference.service import concurrent_batches, softmax, top_k
 from service.inference.stats import ModelStatistics
 from service.training.data import eval_transform
 
@@ -120,6 +120,37 @@ def test_requests_arriving_while_a_batch_computes_form_the_next_batch(pool):
 
     assert asyncio.run(main()) == [4.0, 6.0, 8.0]
     assert model.sizes == [1, 3]
+
+
+def test_one_batch_computes_at_a_time_on_the_cpu_and_two_on_a_gpu():
+    assert concurrent_batches(("CPUExecutionProvider",)) == 1
+    assert concurrent_batches(("pytorch-cpu",)) == 1
+    assert concurrent_batches(("CUDAExecutionProvider", "CPUExecutionProvider")) == 2
+    assert concurrent_batches(("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")) == 2
+    assert concurrent_batches(("pytorch-cuda",)) == 2
+
+
+def test_with_one_concurrent_batch_the_next_waits_for_the_running_one_however_long(pool):
+    release = threading.Event()
+    sizes: list[int] = []
+
+    def model(x):
+        sizes.append(len(x))
+        release.wait(5)
+        return {"logits": x[:, :1]}
+
+    async def main():
+        b = batcher_for(model, pool, max_delay_seconds=0.01, max_concurrent_batches=1)
+        first = asyncio.ensure_future(b.submit(np.ones((1, 2), np.float32)))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(b.submit(np.ones((1, 2), np.float32))) for _ in range(3)]
+        await asyncio.sleep(0.1)  # ten times the delay: still queued behind the running batch
+        assert b.computing == 1 and b.queue_depth == 3
+        release.set()
+        await asyncio.gather(first, *rest)
+
+    asyncio.run(main())
+    assert sizes == [1, 3]
 
 
 def test_a_batch_collected_during_a_long_compute_starts_alongside_once_its_delay_passes(pool):

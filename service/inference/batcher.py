@@ -22,7 +22,9 @@ batches while fewer than `max_concurrent_batches` compute:
   goes idle (the finished batch's callback launches it with no gap), when it
   holds `max_batch_size` samples, or when its oldest request has waited
   `max_delay_seconds` — then it computes alongside the running one (pipelining),
-  up to `max_concurrent_batches` (2 by default: more only share the same cores).
+  up to `max_concurrent_batches` (2 by default: more only share the same device;
+  the inference service uses 1 for a session on the CPU, whose intra-op threads
+  already take every core).
 
 Limits and failures:
 - A request larger than `max_batch_size` is split into chunks of at most that

@@ -59,11 +59,14 @@ LATEST_TTL_SECONDS = 1.0
 # Tensor inputs up to this size are prepared on the event loop (a copy of a few
 # hundred KiB takes microseconds); anything bigger or needing a decode goes to a thread.
 INLINE_PREPARE_BYTES = 1 << 20
-# Batches of one model computing at once (see batcher): one runs, the next is
-# collected and starts alongside only once its delay expires. On 2 CPU cores
-# (resnet18 at 32 and 224 px) 1 and 2 gave the same throughput within run-to-run
-# noise at concurrency 8 and 32; 2 keeps a short batch from waiting behind a long one.
-MAX_CONCURRENT_BATCHES = 2
+# Batches of one model computing at once (see batcher). On a GPU the next batch's
+# host work and copies overlap the running one's kernels, so two may compute. On the
+# CPU a session's intra-op threads already take every core: a second batch alongside
+# only splits the cores between two barrier-synchronised runs. Measured on 2 cores,
+# resnet18 at 224 px, Predict at concurrency 8 against in-process ONNX Runtime at
+# batch 8 in paired rounds (bench/predict.py): 0.80 of it with 2 batches, 0.93 with 1.
+MAX_CONCURRENT_BATCHES_GPU = 2
+MAX_CONCURRENT_BATCHES_CPU = 1
 
 Key = tuple[str, int, str]  # (name, version, variant)
 
@@ -142,7 +145,7 @@ class InferenceService:
         cache.configure_allocator()
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(settings.executor_threads, "tlserve-decode")
         self._compute_pool = concurrent.futures.ThreadPoolExecutor(
-            max(MAX_CONCURRENT_BATCHES, settings.executor_threads), "tlserve-infer"
+            max(MAX_CONCURRENT_BATCHES_GPU, settings.executor_threads), "tlserve-infer"
         )
         # One thread: loads and unloads are serialised by cache.LOAD_LOCK anyway.
         self._load_pool = concurrent.futures.ThreadPoolExecutor(1, "tlserve-load")
@@ -460,7 +463,7 @@ class InferenceService:
                     functools.partial(run_ranked, session.run), max_batch_size=self._settings.max_batch_size,
                     max_delay_seconds=self._settings.batch_delay_seconds,
                     max_queue_size=self._settings.max_queue_size, executor=self._compute_pool, stats=stats,
-                    observer=bound, max_concurrent_batches=MAX_CONCURRENT_BATCHES,
+                    observer=bound, max_concurrent_batches=concurrent_batches(session.providers),
                     name=f"model {name}:{version} ({variant})",
                 ),
                 metrics=bound, ready=True,
@@ -546,6 +549,14 @@ class InferenceService:
 
 
 # -- helpers ---------------------------------------------------------------------------
+
+
+def concurrent_batches(providers: tuple[str, ...]) -> int:
+    """How many batches of a model may compute at once, by where its session runs
+    (its first provider: ONNX Runtime's, or "pytorch-<device>")."""
+    first = providers[0] if providers else "CPUExecutionProvider"
+    on_cpu = first in ("CPUExecutionProvider", "pytorch-cpu")
+    return MAX_CONCURRENT_BATCHES_CPU if on_cpu else MAX_CONCURRENT_BATCHES_GPU
 
 
 def _runtime(runtime: int) -> int:
