@@ -635,3 +635,50 @@ def test_softmax_is_stable_for_large_logits_and_top_k_orders_highest_first_ties_
     many[0, [700, 3, 999]] = [3.0, 2.0, 1.0]
     assert top_k(softmax(many), 5).tolist()[0] == [700, 3, 999, 0, 1]
     assert top_k(p, 10).shape == (2, 3)
+
+
+# -- sessions: spinning between runs ------------------------------------------------------
+
+
+def _tiny_onnx(path) -> None:
+    """A (N, 3, 4, 4) → logits (N, 2) graph that runs in microseconds."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [48, 2], np.ones(96, np.float32).tolist())
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["flat"], axis=1), helper.make_node("MatMul", ["flat", "w"], ["logits"])],
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 4, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 2])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, str(path))
+
+
+def _force_spinning_stop(session) -> str:
+    return session._session.get_session_options().get_session_config_entry("session.force_spinning_stop")
+
+
+def test_a_cpu_session_with_short_runs_stops_spinning_between_runs(tmp_path):
+    from service.inference import sessions
+
+    _tiny_onnx(tmp_path / "tiny.onnx")
+    session = sessions.open_onnx_session(tmp_path / "tiny.onnx", warm_batch=4, fill_size=4,
+                                         providers=["CPUExecutionProvider"])
+    assert session.spin_between_runs is False
+    assert _force_spinning_stop(session) == "1"
+    assert session.run(np.ones((2, 3, 4, 4), np.float32))["logits"].tolist() == [[48.0, 48.0]] * 2
+
+
+def test_a_cpu_session_with_long_runs_keeps_onnx_runtimes_spinning(tmp_path, monkeypatch):
+    from service.inference import sessions
+
+    _tiny_onnx(tmp_path / "tiny.onnx")
+    monkeypatch.setattr(sessions, "SPIN_MIN_RUN_SECONDS", 0.0)  # every run counts as long
+    session = sessions.open_onnx_session(tmp_path / "tiny.onnx", warm_batch=4, fill_size=4,
+                                         providers=["CPUExecutionProvider"])
+    assert session.spin_between_runs is True
+    with pytest.raises(Exception):  # the entry was never set: ORT's default applies
+        _force_spinning_stop(session)

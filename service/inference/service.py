@@ -45,7 +45,14 @@ from service.errors import (
 from service.inference import cache
 from service.inference.batcher import DynamicBatcher
 from service.inference.preprocess import Preprocessor
-from service.inference.sessions import OnnxSession, Session, TensorInfo, TorchSession, load_runtime, warm_up
+from service.inference.sessions import (
+    Session,
+    TensorInfo,
+    TorchSession,
+    load_runtime,
+    open_onnx_session,
+    warm_up,
+)
 from service.inference.stats import ModelStatistics
 from service.store.artifacts import ArtifactStore
 from service.store.models import PYTORCH_VARIANT, ModelStore, artifact_variant
@@ -478,6 +485,7 @@ class InferenceService:
                 log.info("model loaded", extra={"fields": {
                     "model": name, "version": version, "variant": variant, "memory_bytes": memory,
                     "providers": list(session.providers), "seconds": round(seconds, 3),
+                    "spin_between_runs": getattr(session, "spin_between_runs", None),
                 }})
             else:  # evicted (DeleteModel) or the service closed while it loaded
                 self._retire(model)
@@ -497,20 +505,19 @@ class InferenceService:
         providers = hardware.onnxruntime_providers()
 
         def load() -> Session:
-            session: Session
             if variant == PYTORCH_VARIANT:
                 session = TorchSession(path, backbone=model.backbone, num_classes=len(model.class_names),
                                        preprocessing=model.preprocessing)
-            else:
-                nhwc = artifact.input_format == pb.INPUT_FORMAT_UINT8_NHWC
-                session = OnnxSession(
-                    path, threads=settings.inference_threads, max_batch_size=settings.max_batch_size,
-                    providers=providers, fp16=artifact.precision == pb.PRECISION_FP16,
-                    sample_shape=(crop, crop, 3) if nhwc else (3, crop, crop),
-                    cache_dir=settings.home / "cache" / "tensorrt",
-                )
-            warm_up(session, settings.max_batch_size, crop)
-            return session
+                warm_up(session, settings.max_batch_size, crop)
+                return session
+            nhwc = artifact.input_format == pb.INPUT_FORMAT_UINT8_NHWC
+            return open_onnx_session(
+                path, warm_batch=settings.max_batch_size, fill_size=crop,
+                threads=settings.inference_threads, max_batch_size=settings.max_batch_size,
+                providers=providers, fp16=artifact.precision == pb.PRECISION_FP16,
+                sample_shape=(crop, crop, 3) if nhwc else (3, crop, crop),
+                cache_dir=settings.home / "cache" / "tensorrt",
+            )
 
         return cache.measure_load(load, floor_bytes=path.stat().st_size)
 

@@ -256,16 +256,18 @@ def measure(task: VariantTask) -> bytes:
         if task.variant == PYTORCH_VARIANT:
             session = sessions.TorchSession(task.path, backbone=task.backbone, num_classes=task.class_count,
                                             preprocessing=preprocessing, device=torch_device)
+            sessions.warm_up(session, task.batch_size, crop)
         else:
             from service import hardware
 
-            session = sessions.OnnxSession(
-                task.path, threads=task.threads, max_batch_size=task.max_batch_size,
+            # Opened as Predict opens it (spinning between runs decided the same way).
+            session = sessions.open_onnx_session(
+                task.path, warm_batch=task.batch_size, fill_size=crop,
+                threads=task.threads, max_batch_size=task.max_batch_size,
                 providers=hardware.onnxruntime_providers(), fp16=task.fp16,
                 sample_shape=(crop, crop, 3) if task.uint8_nhwc else (3, crop, crop),
                 cache_dir=pathlib.Path(task.tensorrt_cache),
             )
-        sessions.warm_up(session, task.batch_size, crop)
         load_seconds = time.perf_counter() - start
 
         sync = _synchronize(torch_device)
