@@ -26,6 +26,9 @@ For each backbone (224 × 224 unless --image-size says otherwise):
    (`paired_load`): at concurrency 1 the overhead is the gRPC p50 minus the
    in-process p50 of its round, at concurrency C the ratio is gRPC images/s ÷
    in-process images/s of its round; the figures are medians over rounds.
+   `bench_perf_analyzer`: where Triton's perf_analyzer is installed
+   (`scripts/get_perf_analyzer.sh`), it calls the KServe v2 ModelInfer of the same
+   server at concurrency 1 and 8, against in-process ONNX Runtime right before and after.
 4. `bench_precisions`: FP16 and INT8 against FP32: in-process speed at batch 1 and
    8 and file size of the benchmark-size model, and the test accuracy ExportModel
    measured on a second model of the same backbone trained in full at 32 px
@@ -436,6 +439,47 @@ def bench_grpc(address: str, model: str, reference: InProcess, settings: Setting
     return results
 
 
+# -- perf_analyzer against the KServe endpoint ------------------------------------------------
+
+PERF_ANALYZER = Path(__file__).resolve().parent.parent / "var" / "tools" / "perf_analyzer" / "perf_analyzer"
+
+
+def bench_perf_analyzer(tool: Path, address: str, model: str, reference: InProcess, settings: Settings,
+                        concurrencies=(1, 8)) -> dict[int, dict]:
+    """Triton's perf_analyzer (C++; `scripts/get_perf_analyzer.sh`) calling the KServe v2
+    ModelInfer of the same server unchanged, batch 1 per request, random FP32 input as
+    the model's metadata describes it, at each concurrency until its latency is stable
+    (its own windows of `load_seconds / rounds`). The in-process reference at batch C
+    runs right before and right after."""
+    rows = {}
+    window_ms = int(settings.load_seconds / settings.rounds * 1000)
+    for c in concurrencies:
+        batch = min(c, max(settings.batches))
+        before = reference.run(batch, settings.paired_inprocess_seconds)
+        with tempfile.TemporaryDirectory() as tmp:
+            csv_path = Path(tmp) / "pa.csv"
+            out = subprocess.run(
+                [str(tool), "-m", model, "-i", "grpc", "-u", address, "--concurrency-range", str(c),
+                 "--measurement-interval", str(window_ms), "--max-trials", "8", "-f", str(csv_path)],
+                capture_output=True, text=True, timeout=600,
+            )
+            if out.returncode != 0 or not csv_path.exists():
+                raise RuntimeError(f"perf_analyzer failed ({out.returncode}):\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+            header, values = csv_path.read_text().splitlines()[:2]
+        after = reference.run(batch, settings.paired_inprocess_seconds)
+        row = dict(zip(header.split(","), (float(v) for v in values.split(","))))
+        ref_p50 = statistics.median(before + after)
+        rows[c] = {
+            "images_per_second": row["Inferences/Second"], "p50_ms": row["p50 latency"] / 1e3,
+            "p99_ms": row["p99 latency"] / 1e3, "inprocess_p50_ms": ref_p50 * 1e3,
+            "inprocess_images_per_second": batch / ref_p50,
+            "ratio": row["Inferences/Second"] / (batch / ref_p50),
+            "added_ms": row["p50 latency"] / 1e3 - ref_p50 * 1e3,
+            "server_queue_ms": row["Server Queue"] / 1e3, "server_compute_ms": row["Server Compute Infer"] / 1e3,
+        }
+    return rows
+
+
 # -- report -----------------------------------------------------------------------------
 
 
@@ -516,6 +560,8 @@ def main(args: argparse.Namespace) -> int:
                             r["torch_images_per_second"], r["ratio"]] for b, r in inprocess.items()]))
                 reference = InProcess(artifact_file(home, model, pb.PRECISION_FP32), settings.image_size)
                 on = bench_grpc(server.address, model.name, reference, settings)
+                perf = (bench_perf_analyzer(args.perf_analyzer, server.address, model.name, reference, settings)
+                        if args.perf_analyzer.exists() else None)
             except BaseException:
                 print("server log (tail):\n" + "\n".join(server.log().splitlines()[-40:]), file=sys.stderr)
                 raise
@@ -538,6 +584,16 @@ def main(args: argparse.Namespace) -> int:
             say(table(["input", "batching", "concurrency", "img/s", "p50 ms", "p99 ms", "in-process img/s",
                        "in-process p50 ms", "÷ in-process (median of rounds)", "p50 added ms (median of rounds)",
                        "errors"], rows))
+            if perf is None:
+                say(f"\nperf_analyzer: not found at {args.perf_analyzer} (scripts/get_perf_analyzer.sh fetches it); skipped")
+            else:
+                say("\nTriton's perf_analyzer (C++) on the KServe v2 ModelInfer of the same server, batch 1, "
+                    "FP32 input; in-process ONNX Runtime at batch C right before and after")
+                say(table(["concurrency", "img/s", "p50 ms", "p99 ms", "in-process img/s", "in-process p50 ms",
+                           "÷ in-process", "p50 added ms", "server queue ms", "server compute ms"],
+                          [[c, r["images_per_second"], r["p50_ms"], r["p99_ms"], r["inprocess_images_per_second"],
+                            r["inprocess_p50_ms"], r["ratio"], r["added_ms"], r["server_queue_ms"],
+                            r["server_compute_ms"]] for c, r in perf.items()]))
             jpeg, tensor = on[("jpeg", 1)]["p50_ms"], on[("tensor", 1)]["p50_ms"]
             say(f"JPEG {CAMERA_FRAME[0]}×{CAMERA_FRAME[1]} at concurrency 1: p50 {jpeg:.2f} ms against {tensor:.2f} ms "
                 f"for a prepared tensor: decode and resize are {max(0.0, jpeg - tensor) / jpeg:.0%} of the call")
@@ -557,6 +613,9 @@ def main(args: argparse.Namespace) -> int:
             found["int8_speedup_b8"] = fp32["p50_ms_b8"] / precisions[pb.PRECISION_INT8]["p50_ms_b8"]
             found["int8_accuracy_delta_points"] = precisions[pb.PRECISION_INT8]["delta_points"]
             found["fp16_speedup_b8"] = fp32["p50_ms_b8"] / precisions[pb.PRECISION_FP16]["p50_ms_b8"]
+            if perf is not None:
+                found["perf_analyzer_overhead_ms_c1"] = perf[1]["added_ms"]
+                found["perf_analyzer_vs_inprocess_ratio_c8"] = perf[8]["ratio"]
             if backbone == settings.backbones[0]:
                 figures.update(found)
             else:
@@ -582,6 +641,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tmp", type=Path, default=None, help="where the temporary homes go (default: the system's)")
     parser.add_argument("--accuracy-epochs", type=int, default=8,
                         help="epochs of the 32 px accuracy model (more on a GPU: from scratch it needs them)")
+    parser.add_argument("--perf-analyzer", type=Path, default=PERF_ANALYZER,
+                        help="Triton's perf_analyzer, run against the KServe endpoint when it exists "
+                             "(default: where scripts/get_perf_analyzer.sh puts it)")
     load = parser.add_argument_group("load client (internal: measurements read as JSON lines from stdin)")
     load.add_argument("--load", default="", metavar="ADDRESS", help=argparse.SUPPRESS)
     load.add_argument("--model", default="", help=argparse.SUPPRESS)
