@@ -1,7 +1,7 @@
 """tlserve through the KServe v2 / Triton protocol, called with tritonclient itself,
 as a Triton user (or perf_analyzer) would: health, metadata, configuration,
 inference that agrees with tlserve's own Predict, statistics, and the status
-codes of the usual mistakes.
+codes of the usual mistakes; and Triton's perf_analyzer driving it unchanged.
 
 The server's home is made by `tests/modelfactory.published_model` (model "shapes"
 v1, resnet18 at 32 px, three classes); the module exports its FP32 ONNX variant
@@ -193,3 +193,40 @@ def test_stream_infer_answers_each_request_and_reports_a_bad_one_without_ending(
     assert e1 is None and ok1.get_response().id == "s-1" and ok1.as_numpy("logits").shape == (1, 3)
     assert e2 is not None and "no-such-model" in e2.message()
     assert e3 is None and ok3.as_numpy("logits").shape == (3, 3)
+
+
+def perf_analyzer_tool() -> str:
+    """Triton's perf_analyzer as scripts/get_perf_analyzer.sh installs it: skipped where
+    it is missing, except under .ci/run (TLSERVE_REQUIRE_SYSTEM_TOOLS=1), which fetches it."""
+    import os
+    import pathlib
+
+    tool = pathlib.Path(__file__).resolve().parent.parent / "var" / "tools" / "perf_analyzer" / "perf_analyzer"
+    if not tool.exists():
+        if os.environ.get("TLSERVE_REQUIRE_SYSTEM_TOOLS") or os.environ.get("CI"):
+            pytest.fail(f"{tool} is missing: .ci/run fetches it with scripts/get_perf_analyzer.sh")
+        pytest.skip("perf_analyzer not installed (scripts/get_perf_analyzer.sh)")
+    return str(tool)
+
+
+def test_perf_analyzer_drives_the_server_unchanged(exported_server, tmp_path):
+    """Triton's own load generator needs ServerMetadata, ModelMetadata, ModelConfig,
+    ModelInfer and ModelStatistics to answer as Triton does; its report then carries
+    the server-side times from ModelStatistics."""
+    import subprocess
+
+    csv_path = tmp_path / "perf.csv"
+    out = subprocess.run(
+        [perf_analyzer_tool(), "-m", "shapes", "-i", "grpc", "-u", exported_server.address,
+         "--concurrency-range", "1:4:3", "--measurement-mode", "count_windows",
+         "--measurement-request-count", "20", "--stability-percentage", "999", "-f", str(csv_path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    header, *rows = csv_path.read_text().splitlines()
+    table = [dict(zip(header.split(","), (float(v) for v in row.split(",")))) for row in rows]
+    assert [row["Concurrency"] for row in table] == [1, 4]
+    for row in table:
+        assert row["Inferences/Second"] > 0
+        assert row["Server Compute Infer"] > 0  # microseconds, from ModelStatistics
+        assert row["p50 latency"] >= row["Server Compute Infer"]
