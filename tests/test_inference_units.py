@@ -682,3 +682,36 @@ def test_a_cpu_session_with_long_runs_keeps_onnx_runtimes_spinning(tmp_path, mon
     assert session.spin_between_runs is True
     with pytest.raises(Exception):  # the entry was never set: ORT's default applies
         _force_spinning_stop(session)
+
+
+# -- preprocessing: uint8 pixels normalised in the compute thread ---------------------------
+
+
+def _pixel_tensor(pixels: np.ndarray) -> pb.ImageInput:
+    return pb.ImageInput(tensor=pb.Tensor(shape=list(pixels.shape), dtype=pb.DATA_TYPE_UINT8, data=pixels.tobytes()))
+
+
+def test_collated_pixels_equal_what_prepare_gives_and_keep_request_order():
+    prep = preprocess.Preprocessor(pb.Preprocessing(resize_size=9, crop_size=8, mean=[0.485, 0.456, 0.406],
+                                                    std=[0.229, 0.224, 0.225], interpolation="bilinear"))
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8) for n in (1, 2))
+    images_a, images_b = [_pixel_tensor(p) for p in a], [_pixel_tensor(p) for p in b]
+    pixels_a, pixels_b = prep.pixels(images_a), prep.pixels(images_b)
+    assert pixels_a.dtype == np.uint8 and pixels_a.shape == (1, 8, 8, 3) and pixels_b.shape == (2, 8, 8, 3)
+    normalised = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)  # a float tensor request, prepared already
+    batch = prep.collate([pixels_a, normalised, pixels_b])
+    expected = np.concatenate([prep.prepare(images_a, 10**6), normalised, prep.prepare(images_b, 10**6)])
+    assert batch.dtype == np.float32 and batch.shape == (4, 3, 8, 8)
+    assert np.array_equal(batch, expected)  # the same float32 operations, bit for bit
+
+
+def test_only_uint8_tensors_of_the_models_size_take_the_pixel_path():
+    prep = preprocess.Preprocessor(pb.Preprocessing(resize_size=9, crop_size=8, mean=[0.5] * 3, std=[0.5] * 3,
+                                                    interpolation="bilinear"))
+    good = _pixel_tensor(np.zeros((8, 8, 3), np.uint8))
+    assert prep.pixels([good, good]).shape == (2, 8, 8, 3)
+    assert prep.pixels([good, _pixel_tensor(np.zeros((9, 8, 3), np.uint8))]) is None  # needs a resize
+    short = pb.ImageInput(tensor=pb.Tensor(shape=[8, 8, 3], dtype=pb.DATA_TYPE_UINT8, data=b"\0" * 10))
+    assert prep.pixels([short]) is None  # `prepare` names what is wrong with it
+    assert prep.pixels([pb.ImageInput(encoded=b"\xff\xd8\xff")]) is None

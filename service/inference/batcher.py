@@ -2,7 +2,8 @@
 
 One `DynamicBatcher` per loaded model. Callers on the event loop `await
 submit(inputs, deadline)` with an array of n samples (n, ...); the batcher
-concatenates what is queued (at most `max_batch_size` samples), runs
+concatenates what is queued (at most `max_batch_size` samples; or `collate(arrays)`
+makes the batch, in the compute thread, e.g. normalising uint8 pixels), runs
 `infer_fn(batch)` in a thread of `executor` (ONNX Runtime and PyTorch release the
 GIL), checks that every output has one row per sample and hands each caller its
 rows. `infer_fn` returns an array or a dict of arrays; callers get the same kind.
@@ -94,6 +95,7 @@ class DynamicBatcher:
         stats: ModelStatistics | None = None,
         observer: BatchObserver | None = None,
         max_concurrent_batches: int = 2,
+        collate: Callable[[list[np.ndarray]], np.ndarray] | None = None,
         name: str = "model",
     ) -> None:
         if not callable(infer_fn):
@@ -107,6 +109,7 @@ class DynamicBatcher:
         if max_concurrent_batches < 1:
             raise ValueError(f"max_concurrent_batches must be >= 1, got {max_concurrent_batches}")
         self._infer_fn = infer_fn
+        self._collate = collate
         self.max_batch_size = max_batch_size
         self.max_delay_seconds = max_delay_seconds
         self.max_queue_size = max_queue_size
@@ -307,7 +310,10 @@ class DynamicBatcher:
 
     def _run_batch(self, arrays: list[np.ndarray]) -> tuple[list[Outputs], tuple[int, int, int]]:
         t0 = time.perf_counter_ns()
-        x = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)  # (N, ...)
+        if self._collate is not None:
+            x = self._collate(arrays)  # (N, ...)
+        else:
+            x = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
         t1 = time.perf_counter_ns()
         outputs = self._infer_fn(x)
         t2 = time.perf_counter_ns()

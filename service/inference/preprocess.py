@@ -144,6 +144,43 @@ class Preprocessor:
             shape == (3, s, s) and image.tensor.dtype == pb.DATA_TYPE_FLOAT32
         )
 
+    def pixels(self, images: Sequence[pb.ImageInput]) -> np.ndarray | None:
+        """(N, S, S, 3) uint8 when every image is a uint8 RGB tensor of exactly the
+        model's size (the clients' fast path), without converting anything: a view of
+        the request's bytes for one image. None otherwise (`prepare` then says what is
+        wrong with which image). `collate` normalises these later, in the compute thread."""
+        s = self.crop
+        size = s * s * 3
+        for image in images:
+            tensor = image.tensor
+            if (image.WhichOneof("data") != "tensor" or tensor.dtype != pb.DATA_TYPE_UINT8
+                    or tuple(tensor.shape) != (s, s, 3) or len(tensor.data) != size):
+                return None
+        if len(images) == 1:
+            return np.frombuffer(images[0].tensor.data, dtype=np.uint8).reshape(1, s, s, 3)
+        return np.stack([np.frombuffer(image.tensor.data, dtype=np.uint8).reshape(s, s, 3) for image in images])
+
+    def collate(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
+        """One model input batch from the arrays of several requests, in order: each
+        either already the model's input, (n, *sample_shape) of its dtype, or (for a
+        float model) pixels from `pixels`, (n, S, S, 3) uint8, normalised here."""
+        if all(a.dtype == self.dtype and a.shape[1:] == self.sample_shape for a in arrays):
+            return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        out = np.empty((sum(len(a) for a in arrays), *self.sample_shape), dtype=self.dtype)
+        offset = 0
+        for a in arrays:
+            part = out[offset : offset + len(a)]
+            if a.dtype == self.dtype and a.shape[1:] == self.sample_shape:
+                part[...] = a
+            elif self.layout == "float_nchw" and a.dtype == _UINT8 and a.shape[1:] == (self.crop, self.crop, 3):
+                # (n, S, S, 3) → (n, 3, S, S), then x * scale + bias in float32, in place.
+                np.multiply(a.transpose(0, 3, 1, 2), self._scale, out=part, dtype=np.float32)
+                part += self._bias
+            else:
+                raise ValueError(f"cannot collate {a.dtype} {a.shape[1:]} into {self.dtype} {self.sample_shape}")
+            offset += len(a)
+        return out
+
     def prepare(self, images: Sequence[pb.ImageInput], max_pixels: int) -> np.ndarray:
         """(N, *sample_shape) for the images of one request, in order."""
         out = np.empty((len(images), *self.sample_shape), dtype=self.dtype)

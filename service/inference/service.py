@@ -6,12 +6,14 @@
 
 A prediction: validate the request → resolve the model ("latest" is looked up at
 most every `LATEST_TTL_SECONDS`; model records are cached until `evict`) → choose
-the artifact variant (runtime + precision) → prepare the images (on the event loop
-for tensors already of the model's size, in the decode pool otherwise) → the
-model's `DynamicBatcher` → the session (ONNX Runtime or PyTorch) in the compute
-pool → softmax and top-k. Loading a model (first request, or `ensure_loaded`)
-happens in a thread, measured for the memory budget, warmed up before it serves;
-concurrent first requests share one load. Loaded models live in a `ModelCache`;
+the artifact variant (runtime + precision) → prepare the images (uint8 tensors of
+the model's size are passed on as they are and normalised batch by batch in the
+compute thread; float tensors of its size are copied on the event loop; anything
+else is decoded or resized in the decode pool) → the model's `DynamicBatcher` →
+the session (ONNX Runtime or PyTorch) in the compute pool → softmax and top-k.
+Loading a model (first request, or `ensure_loaded`) happens in a thread,
+measured for the memory budget, warmed up before it serves; concurrent first
+requests share one load. Loaded models live in a `ModelCache`;
 a model in use is never unloaded under its requests.
 
 Errors are the domain's (`service.errors`): InvalidArgument for the request's
@@ -407,6 +409,12 @@ class InferenceService:
     async def _prepare(self, key: Key, model: pb.Model, images) -> np.ndarray:
         prep = self._preprocessor(key, model)
         max_pixels = self._settings.max_image_pixels
+        if prep.crop * prep.crop <= max_pixels:
+            # uint8 pixels at the model's size, as they came: the batch is normalised in
+            # the compute thread (`Preprocessor.collate`), not here on the event loop.
+            pixels = prep.pixels(images)
+            if pixels is not None:
+                return pixels
         inline = all(prep.is_prepared(image) for image in images) and (
             sum(len(image.tensor.data) for image in images) <= INLINE_PREPARE_BYTES
         )
@@ -471,6 +479,7 @@ class InferenceService:
                     max_delay_seconds=self._settings.batch_delay_seconds,
                     max_queue_size=self._settings.max_queue_size, executor=self._compute_pool, stats=stats,
                     observer=bound, max_concurrent_batches=concurrent_batches(session.providers),
+                    collate=self._preprocessor(key, record.model).collate,
                     name=f"model {name}:{version} ({variant})",
                 ),
                 metrics=bound, ready=True,
