@@ -121,11 +121,20 @@ def wait_for_model(tl, job: pb.Job, what: str) -> pb.ModelRef:
     return job.model
 
 
-def export_all(tl, ref: pb.ModelRef) -> dict[int, pb.ModelArtifact]:
-    return {
-        precision: tl.export_model(ref, precision=precision, timeout=1800)
-        for precision in (pb.PRECISION_FP32, pb.PRECISION_FP16, pb.PRECISION_INT8)
-    }
+def export_all(tl, ref: pb.ModelRef) -> dict[int, pb.ModelArtifact | str]:
+    """Each precision's artifact, or, where ExportModel refused to publish it (its parity
+    or accuracy check failed: FAILED_PRECONDITION), the server's reason."""
+    import client as tlclient
+
+    out: dict[int, pb.ModelArtifact | str] = {}
+    for precision in (pb.PRECISION_FP32, pb.PRECISION_FP16, pb.PRECISION_INT8):
+        try:
+            out[precision] = tl.export_model(ref, precision=precision, timeout=1800)
+        except tlclient.TLServeError as e:
+            if e.code.name != "FAILED_PRECONDITION" or precision == pb.PRECISION_FP32:
+                raise
+            out[precision] = e.message
+    return out
 
 
 def make_model(tl, backbone: str, settings: Settings, data_root: Path) -> tuple[pb.Model, dict[int, pb.ModelArtifact]]:
@@ -242,16 +251,28 @@ def pt_path(home: Path, model: pb.Model) -> Path:
     return home / "artifacts" / model_dir(model.name, model.version) / "model.pt"
 
 
-def bench_precisions(home: Path, model: pb.Model, artifacts: dict[int, pb.ModelArtifact],
-                     accuracy: dict[int, pb.ModelArtifact], settings: Settings) -> dict:
-    """Speed and size of the benchmark-size model's variants; accuracy from the 32 px one's."""
+def bench_precisions(home: Path, model: pb.Model, artifacts: dict[int, pb.ModelArtifact | str],
+                     accuracy: dict[int, pb.ModelArtifact | str], settings: Settings) -> dict:
+    """Speed and size of the benchmark-size model's variants; accuracy from the 32 px one's.
+    A variant ExportModel refused has NaN for what it could not measure, and the reason."""
     size = settings.image_size
+    nan = float("nan")
     rows = {}
     for precision, artifact in artifacts.items():
+        measured = accuracy[precision]
+        row = {"size_bytes": nan, "p50_ms_b1": nan, "p50_ms_b8": nan, "test_top1": nan, "delta_points": nan,
+               "parity_agreement": nan, "refused": []}
+        if isinstance(measured, str):
+            row["refused"].append(f"accuracy model: {measured}")
+        else:
+            row.update(test_top1=measured.test_top1_accuracy, delta_points=measured.accuracy_delta_points,
+                       parity_agreement=measured.parity.top1_agreement)
+        rows[precision] = row
+        if isinstance(artifact, str):
+            row["refused"].append(f"speed model: {artifact}")
+            continue
+        row["size_bytes"] = artifact.size_bytes
         session = ort_session(artifact_file(home, model, precision))
-        row = {"size_bytes": artifact.size_bytes, "test_top1": accuracy[precision].test_top1_accuracy,
-               "delta_points": accuracy[precision].accuracy_delta_points,
-               "parity_agreement": accuracy[precision].parity.top1_agreement}
         for batch in (1, 8):
             x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
             session.run(["logits"], {"input": x})
@@ -607,6 +628,9 @@ def main(args: argparse.Namespace) -> int:
                       [[pb.Precision.Name(p).removeprefix("PRECISION_"), r["size_bytes"] / 1e6, r["p50_ms_b1"],
                         r["p50_ms_b8"], fp32["p50_ms_b8"] / r["p50_ms_b8"], r["test_top1"], r["delta_points"]]
                        for p, r in precisions.items()]))
+            for p, r in precisions.items():
+                for reason in r["refused"]:
+                    say(f"{pb.Precision.Name(p).removeprefix('PRECISION_')} not published for the {reason}")
             say("")
             found = headline_figures(inprocess, on, off)
             found["jpeg_decode_share_c1"] = max(0.0, jpeg - tensor) / jpeg

@@ -80,3 +80,15 @@ def test_a_predict_request_for_the_load_client_parses_back():
     assert len(request.images[0].tensor.data) == 8 * 8 * 3
     jpeg = pb.PredictRequest.FromString(predict.predict_request_bytes("m", "jpeg", 8))
     assert jpeg.images[0].encoded[:2] == b"\xff\xd8"
+
+
+def test_a_variant_export_refused_is_reported_with_its_reason_not_measured(tmp_path):
+    from client.tlserve.v1 import tlserve_pb2 as pb
+
+    settings = predict.Settings(backbones=("resnet18",))
+    reason = "the ONNX export of m:1 int8 float_nchw does not match PyTorch on 24 val images"
+    rows = predict.bench_precisions(tmp_path, pb.Model(name="m", version=1), {pb.PRECISION_INT8: reason},
+                                    {pb.PRECISION_INT8: reason}, settings)
+    row = rows[pb.PRECISION_INT8]
+    assert row["refused"] == [f"accuracy model: {reason}", f"speed model: {reason}"]
+    assert all(row[k] != row[k] for k in ("size_bytes", "p50_ms_b8", "test_top1", "delta_points"))  # NaN
