@@ -469,9 +469,10 @@ def bench_perf_analyzer(tool: Path, address: str, model: str, reference: InProce
                         concurrencies=(1, 8)) -> dict[int, dict]:
     """Triton's perf_analyzer (C++; `scripts/get_perf_analyzer.sh`) calling the KServe v2
     ModelInfer of the same server unchanged, batch 1 per request, random FP32 input as
-    the model's metadata describes it, at each concurrency until its latency is stable
-    (its own windows of `load_seconds / rounds`). The in-process reference at batch C
-    runs right before and right after."""
+    the model's metadata describes it, at each concurrency until three of its windows
+    (`load_seconds / rounds` each) agree within 30 %; a concurrency that never settles
+    is reported without a figure. The in-process reference at batch C runs right
+    before and right after."""
     rows = {}
     window_ms = int(settings.load_seconds / settings.rounds * 1000)
     for c in concurrencies:
@@ -479,13 +480,18 @@ def bench_perf_analyzer(tool: Path, address: str, model: str, reference: InProce
         before = reference.run(batch, settings.paired_inprocess_seconds)
         with tempfile.TemporaryDirectory() as tmp:
             csv_path = Path(tmp) / "pa.csv"
+            # Stable: three windows within 30 % of each other (its default, 10 %, is
+            # rarely reached at concurrency 8 on a shared 2-core machine).
             out = subprocess.run(
                 [str(tool), "-m", model, "-i", "grpc", "-u", address, "--concurrency-range", str(c),
-                 "--measurement-interval", str(window_ms), "--max-trials", "8", "-f", str(csv_path)],
+                 "--measurement-interval", str(window_ms), "--max-trials", "10", "--stability-percentage", "30",
+                 "-f", str(csv_path)],
                 capture_output=True, text=True, timeout=600,
             )
             if out.returncode != 0 or not csv_path.exists():
-                raise RuntimeError(f"perf_analyzer failed ({out.returncode}):\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+                tail = (out.stdout + out.stderr).strip().splitlines()[-1:] or ["no output"]
+                print(f"perf_analyzer at concurrency {c} gave no figure (exit {out.returncode}): {tail[0]}")
+                continue
             header, values = csv_path.read_text().splitlines()[:2]
         after = reference.run(batch, settings.paired_inprocess_seconds)
         row = dict(zip(header.split(","), (float(v) for v in values.split(","))))
@@ -638,8 +644,10 @@ def main(args: argparse.Namespace) -> int:
             found["int8_accuracy_delta_points"] = precisions[pb.PRECISION_INT8]["delta_points"]
             found["fp16_speedup_b8"] = fp32["p50_ms_b8"] / precisions[pb.PRECISION_FP16]["p50_ms_b8"]
             if perf is not None:
-                found["perf_analyzer_overhead_ms_c1"] = perf[1]["added_ms"]
-                found["perf_analyzer_vs_inprocess_ratio_c8"] = perf[8]["ratio"]
+                if 1 in perf:
+                    found["perf_analyzer_overhead_ms_c1"] = perf[1]["added_ms"]
+                if 8 in perf:
+                    found["perf_analyzer_vs_inprocess_ratio_c8"] = perf[8]["ratio"]
             if backbone == settings.backbones[0]:
                 figures.update(found)
             else:
