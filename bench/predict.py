@@ -20,7 +20,7 @@ For each backbone (224 × 224 unless --image-size says otherwise):
    concurrency 1, 8 and 32, with raw uint8 tensors already at the model's input size
    (the server's fast path: no decode, no resize) and with JPEG camera frames
    (640 × 480; decode share reported), once with dynamic batching on (the server's
-   defaults) and once off (`--max-batch-size 1`). Each measurement is `rounds`
+   defaults) and once off (`--max-batch-size 1`). Each measurement is `paired_rounds`
    rounds, and each round is paired with an in-process ONNX Runtime measurement at
    batch C (the ceiling of what batching can reach) run right before or after it
    (`paired_load`): at concurrency 1 the overhead is the gRPC p50 minus the
@@ -85,17 +85,18 @@ class Settings:
     batches: tuple[int, ...] = (1, 8, 32)
     concurrencies: tuple[int, ...] = (1, 8, 32)
     inprocess_seconds: float = 2.0  # per side and batch size, split into alternating rounds
-    rounds: int = 4  # in-process: alternating rounds; gRPC: rounds paired with in-process ones
-    load_seconds: float = 8.0  # per gRPC measurement (all its rounds), after a warm-up
+    rounds: int = 4  # in-process ORT against PyTorch: alternating rounds
+    load_seconds: float = 10.0  # per gRPC measurement (all its rounds), after a warm-up
     warmup_seconds: float = 1.0
-    paired_inprocess_seconds: float = 1.0  # the in-process side of each gRPC round
+    paired_rounds: int = 8  # gRPC rounds, each next to an in-process one: short, so drift cancels
+    paired_inprocess_seconds: float = 0.6  # the in-process side of each gRPC round
 
 
 SETTINGS = {
     "quick": Settings(backbones=("resnet18",)),
     "full": Settings(
         backbones=("resnet18", "mobilenet_v3_large", "efficientnet_b0"),
-        train_per_class=16, inprocess_seconds=4.0, rounds=6, load_seconds=12.0, warmup_seconds=2.0,
+        train_per_class=16, inprocess_seconds=4.0, rounds=6, load_seconds=16.0, warmup_seconds=2.0,
     ),
 }
 
@@ -404,20 +405,20 @@ class InProcess:
 
 
 def paired_load(client: LoadClient, reference: InProcess, concurrency: int, batch: int, settings: Settings) -> dict:
-    """`settings.rounds` rounds, each a gRPC measurement at `concurrency` next to an
+    """`settings.paired_rounds` rounds, each a gRPC measurement at `concurrency` next to an
     in-process one at `batch` (alternately first and second): the machine's speed
     drifts over seconds here (shared cores), and the two sides of a round see the same
     machine. Per round: gRPC p50 minus in-process p50, and gRPC images/s ÷ in-process
     images/s; the figures are the medians over rounds."""
     client.run(concurrency, 0.0, warmup=settings.warmup_seconds)
-    per_round = settings.load_seconds / settings.rounds
+    per_round = settings.load_seconds / settings.paired_rounds
     latencies: list[float] = []
     errors: dict[str, int] = {}
     calls, wall = 0, 0.0
     added_ms: list[float] = []
     ratios: list[float] = []
     reference_times: list[float] = []
-    for r in range(settings.rounds):
+    for r in range(settings.paired_rounds):
         first = r % 2 == 0
         ref = reference.run(batch, settings.paired_inprocess_seconds) if first else None
         got = client.run(concurrency, per_round)
@@ -470,11 +471,11 @@ def bench_perf_analyzer(tool: Path, address: str, model: str, reference: InProce
     """Triton's perf_analyzer (C++; `scripts/get_perf_analyzer.sh`) calling the KServe v2
     ModelInfer of the same server unchanged, batch 1 per request, random FP32 input as
     the model's metadata describes it, at each concurrency until three of its windows
-    (`load_seconds / rounds` each) agree within 30 %; a concurrency that never settles
+    (2 s or more each) agree within 30 %; a concurrency that never settles
     is reported without a figure. The in-process reference at batch C runs right
     before and right after."""
     rows = {}
-    window_ms = int(settings.load_seconds / settings.rounds * 1000)
+    window_ms = int(max(2.0, settings.load_seconds / settings.paired_rounds) * 1000)
     for c in concurrencies:
         batch = min(c, max(settings.batches))
         before = reference.run(batch, settings.paired_inprocess_seconds)

@@ -54,7 +54,7 @@ class _Reference:
 
 
 def test_paired_load_compares_each_round_with_its_inprocess_neighbour():
-    settings = predict.Settings(backbones=("resnet18",), rounds=4, load_seconds=8.0, warmup_seconds=1.0)
+    settings = predict.Settings(backbones=("resnet18",), paired_rounds=4, load_seconds=8.0, warmup_seconds=1.0)
     client, reference = _Client(latency_ms=100.0), _Reference(seconds_per_call=0.08)
     result = predict.paired_load(client, reference, concurrency=8, batch=8, settings=settings)
     assert client.commands[0] == (8, 0.0, 1.0)  # a warm-up first, not recorded
