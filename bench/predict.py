@@ -427,10 +427,10 @@ def paired_load(client: LoadClient, reference: InProcess, concurrency: int, batc
         lat = sorted(got["latencies_ms"])
         for code, n in got["errors"].items():
             errors[code] = errors.get(code, 0) + n
-        if not lat:
+        reference_times.extend(ref)
+        if not lat:  # every call failed: counted in `errors`
             continue
         ref_p50 = statistics.median(ref)
-        reference_times.extend(ref)
         added_ms.append(statistics.median(lat) - ref_p50 * 1e3)
         ratios.append((len(lat) / got["wall_s"]) / (batch / ref_p50))
         latencies.extend(lat)
