@@ -207,7 +207,7 @@ def timed_calls(fn, seconds: float, min_calls: int = 3) -> list[float]:
     return times
 
 
-def bench_inprocess(home: Path, model: pb.Model, settings: Settings) -> dict:
+def bench_inprocess(home: Path, model: pb.Model, reference: InProcess, settings: Settings) -> dict:
     import torch
 
     from service import backbones
@@ -215,15 +215,13 @@ def bench_inprocess(home: Path, model: pb.Model, settings: Settings) -> dict:
     built = backbones.load_published(
         pt_path(home, model), model.backbone, len(model.class_names), backbones.Preprocessing.from_proto(model.preprocessing),
     )
-    session = ort_session(artifact_file(home, model, pb.PRECISION_FP32))
-    size = settings.image_size
     rows = {}
     for batch in settings.batches:
-        x = np.random.default_rng(0).standard_normal((batch, 3, size, size), dtype=np.float32)
+        x = reference.input(batch)
         xt = torch.from_numpy(x)
 
         def run_ort() -> None:
-            session.run(["logits"], {"input": x})
+            reference.run_once(batch)
 
         def run_torch() -> None:
             with torch.inference_mode():
@@ -394,14 +392,22 @@ class InProcess:
         self._inputs: dict[int, np.ndarray] = {}
         self._size = image_size
 
-    def run(self, batch: int, seconds: float) -> list[float]:
-        """Per-call seconds at `batch` for about `seconds` (after one warm-up call)."""
+    def input(self, batch: int) -> np.ndarray:
+        """The random (batch, 3, S, S) input for `batch`, made (and run once, a warm-up) on first use."""
         x = self._inputs.get(batch)
         if x is None:
             x = self._inputs[batch] = np.random.default_rng(0).standard_normal(
                 (batch, 3, self._size, self._size), dtype=np.float32)
             self._session.run(["logits"], {"input": x})
-        return timed_calls(lambda: self._session.run(["logits"], {"input": x}), seconds, min_calls=2)
+        return x
+
+    def run_once(self, batch: int) -> None:
+        self._session.run(["logits"], {"input": self.input(batch)})
+
+    def run(self, batch: int, seconds: float) -> list[float]:
+        """Per-call seconds at `batch` for about `seconds` (after the warm-up)."""
+        self.input(batch)
+        return timed_calls(lambda: self.run_once(batch), seconds, min_calls=2)
 
 
 def paired_load(client: LoadClient, reference: InProcess, concurrency: int, batch: int, settings: Settings) -> dict:
@@ -582,11 +588,11 @@ def main(args: argparse.Namespace) -> int:
                         f"{accuracy_model.test_metrics.image_count} images (chance 0.333), "
                         f"exported in {time.perf_counter() - t0:.0f} s")
                 say("\n### 1. in-process: ONNX Runtime (FP32) against PyTorch eager")
-                inprocess = bench_inprocess(home, model, settings)
+                reference = InProcess(artifact_file(home, model, pb.PRECISION_FP32), settings.image_size)
+                inprocess = bench_inprocess(home, model, reference, settings)
                 say(table(["batch", "ORT p50 ms", "torch p50 ms", "ORT img/s", "torch img/s", "torch ÷ ORT time"],
                           [[b, r["ort_p50_ms"], r["torch_p50_ms"], r["ort_images_per_second"],
                             r["torch_images_per_second"], r["ratio"]] for b, r in inprocess.items()]))
-                reference = InProcess(artifact_file(home, model, pb.PRECISION_FP32), settings.image_size)
                 on = bench_grpc(server.address, model.name, reference, settings)
                 perf = (bench_perf_analyzer(args.perf_analyzer, server.address, model.name, reference, settings)
                         if args.perf_analyzer.exists() else None)
