@@ -199,9 +199,9 @@ def perf_analyzer_tool() -> str:
     """Triton's perf_analyzer as scripts/get_perf_analyzer.sh installs it: skipped where
     it is missing, except under .ci/run (TLSERVE_REQUIRE_SYSTEM_TOOLS=1), which fetches it."""
     import os
-    import pathlib
 
-    tool = pathlib.Path(__file__).resolve().parent.parent / "var" / "tools" / "perf_analyzer" / "perf_analyzer"
+    from bench.predict import PERF_ANALYZER as tool
+
     if not tool.exists():
         if os.environ.get("TLSERVE_REQUIRE_SYSTEM_TOOLS") or os.environ.get("CI"):
             pytest.fail(f"{tool} is missing: .ci/run fetches it with scripts/get_perf_analyzer.sh")
