@@ -300,7 +300,7 @@ def test_bad_requests_are_refused_with_what_to_fix(world):
     assert errors("shapes", "1", "onnx-fp16-float_nchw", "failed_precondition") == 1
 
 
-def test_choose_variant_prefers_float_nchw_then_uint8_nhwc(world):
+def test_choose_variant_prefers_float_nchw_then_uint8_nhwc_unless_a_layout_is_named(world):
     def model_with(*variants: tuple[int, int, int]) -> pb.Model:
         return pb.Model(name="m", version=2, artifacts=[
             pb.ModelArtifact(format=f, precision=p, input_format=i) for f, p, i in variants])
@@ -313,6 +313,14 @@ def test_choose_variant_prefers_float_nchw_then_uint8_nhwc(world):
     with pytest.raises(FailedPrecondition, match=r"model m:2 has no ONNX fp32 export: run ExportModel "
                                                  r"\(tlserve export m:2 --precision fp32\)$"):
         svc.choose_variant(both, 0, 0)
+    assert svc.choose_variant(both, pb.RUNTIME_ONNX, fp16, "uint8_nhwc") == "onnx-fp16-uint8_nhwc"
+    assert svc.choose_variant(both, pb.RUNTIME_ONNX, fp16, "float_nchw") == "onnx-fp16-float_nchw"
+    with pytest.raises(FailedPrecondition, match=r"model m:2 has no ONNX fp16 export taking uint8 NHWC pixels: run "
+                                                 r"ExportModel \(tlserve export m:2 --precision fp16 --input-format "
+                                                 r"uint8_nhwc\)$"):
+        svc.choose_variant(model_with((onnx, fp16, nchw)), pb.RUNTIME_ONNX, fp16, "uint8_nhwc")
+    with pytest.raises(InvalidArgument, match="input layout 'nhwc' is not one of float_nchw, uint8_nhwc"):
+        svc.choose_variant(both, pb.RUNTIME_ONNX, fp16, "nhwc")
     torch_only = model_with((pb.ARTIFACT_FORMAT_PYTORCH, pb.PRECISION_FP32, nchw))
     with pytest.raises(FailedPrecondition, match="or predict with runtime PYTORCH"):
         svc.choose_variant(torch_only, 0, 0)

@@ -5,7 +5,8 @@ codes of the usual mistakes; and Triton's perf_analyzer driving it unchanged.
 
 The server's home is made by `tests/modelfactory.published_model` (model "shapes"
 v1, resnet18 at 32 px, three classes); the module exports its FP32 ONNX variant
-with the embedding output once, through tlserve's own API.
+with the embedding output, and one taking uint8 NHWC pixels, once, through
+tlserve's own API.
 
 tritonclient's protos are loaded into a private descriptor pool
 (`tritonclient_grpc`): they and tlserve's stubs both define package `inference`.
@@ -34,13 +35,15 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def exported_server(tmp_path_factory):
-    """A server whose model "shapes" v1 has an FP32 ONNX export with the embedding."""
+    """A server whose model "shapes" v1 has an FP32 ONNX export with the embedding, and one
+    taking uint8 NHWC pixels."""
     home = tmp_path_factory.mktemp("kserve") / "home"
     settings, _ = published_model(home)
     server = ServerProcess(home, "--data-root", str(settings.data_root)).start()
     try:
         with tlclient.Client(server.address, timeout=300) as tl:
             tl.export_model("shapes", precision="fp32", include_embedding=True)
+            tl.export_model("shapes", precision="fp32", input_format="uint8_nhwc")
     except BaseException:
         server.kill()
         raise
@@ -130,6 +133,29 @@ def test_infer_agrees_with_tlserves_own_predict(triton, tl):
     top1 = triton.infer("shapes", [fp32_input(x)], outputs=[tc.InferRequestedOutput("logits", class_count=1)])
     labels = [item.decode().split(":")[2] for item in top1.as_numpy("logits").ravel()]
     assert labels == [p.top_k[0].label for p in response.predictions]
+
+
+def test_the_nhwc_name_takes_pixels_and_agrees_with_the_float_export(triton, tl):
+    pixels = np.random.default_rng(3).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    metadata = triton.get_model_metadata("shapes@nhwc", as_json=True)
+    assert metadata["inputs"] == [{"name": "input", "datatype": "UINT8", "shape": ["-1", str(SIZE), str(SIZE), "3"]}]
+    tensor = tc.InferInput("input", list(pixels.shape), "UINT8")
+    tensor.set_data_from_numpy(pixels)
+    logits = triton.infer("shapes@nhwc", [tensor]).as_numpy("logits")
+
+    # The same pixels through tlserve's own Predict, served by the float NCHW export.
+    images = [pb.ImageInput(tensor=pb.Tensor(shape=[SIZE, SIZE, 3], dtype=pb.DATA_TYPE_UINT8, data=p.tobytes()))
+              for p in pixels]
+    response = tl.predict("shapes", images, return_logits=True)
+    expected = np.array([list(p.logits) for p in response.predictions], np.float32)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+    (entry,) = triton.get_inference_statistics("shapes@nhwc", as_json=True)["model_stats"]
+    assert (entry["name"], entry["inference_count"]) == ("shapes@nhwc", "2")
+    with pytest.raises(InferenceServerException) as e:
+        triton.infer("shapes@int8-nhwc", [tensor])
+    assert status_of(e) == str(grpc.StatusCode.FAILED_PRECONDITION)
+    assert "--precision int8 --input-format uint8_nhwc" in e.value.message()
 
 
 def test_statistics_count_the_images_inferred(triton):

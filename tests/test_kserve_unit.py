@@ -60,8 +60,11 @@ UINT8_INPUT = spec("input", pb.DATA_TYPE_UINT8, [-1, 32, 32, 3])
 OUTPUTS = [spec("logits", pb.DATA_TYPE_FLOAT32, [-1, 3]), spec("embedding", pb.DATA_TYPE_FLOAT32, [-1, 8])]
 
 
-def artifact(version: int, precision: int = pb.PRECISION_FP32, *, pytorch: bool = False) -> pb.ModelArtifact:
-    uint8 = precision == pb.PRECISION_INT8
+def artifact(
+    version: int, precision: int = pb.PRECISION_FP32, *, pytorch: bool = False, nhwc: bool | None = None,
+) -> pb.ModelArtifact:
+    """An artifact of model "shapes"; ONNX INT8 takes uint8 NHWC pixels unless `nhwc` says otherwise."""
+    uint8 = precision == pb.PRECISION_INT8 if nhwc is None else nhwc
     return pb.ModelArtifact(
         model=pb.ModelRef(name="shapes", version=version),
         format=pb.ARTIFACT_FORMAT_PYTORCH if pytorch else pb.ARTIFACT_FORMAT_ONNX,
@@ -78,12 +81,7 @@ def shapes_model(version: int, *artifacts: pb.ModelArtifact) -> pb.Model:
     return pb.Model(name="shapes", version=version, class_names=CLASSES, artifacts=artifacts)
 
 
-_WANTED = {
-    (pb.RUNTIME_ONNX, pb.PRECISION_FP32): "onnx-fp32-float_nchw",
-    (pb.RUNTIME_ONNX, pb.PRECISION_FP16): "onnx-fp16-float_nchw",
-    (pb.RUNTIME_ONNX, pb.PRECISION_INT8): "onnx-int8-uint8_nhwc",
-    (pb.RUNTIME_PYTORCH, pb.PRECISION_FP32): "pytorch",
-}
+_PRECISIONS = {pb.PRECISION_FP32: "fp32", pb.PRECISION_FP16: "fp16", pb.PRECISION_INT8: "int8"}
 
 
 class FakeInference:
@@ -94,11 +92,17 @@ class FakeInference:
         self.calls: list[tuple] = []
         self.stats = list(stats)
 
-    def choose_variant(self, model, runtime, precision):
-        variant = _WANTED[(runtime, precision)]
-        if variant not in {artifact_variant(a) for a in model.artifacts}:
-            raise FailedPrecondition(f"model {model.name} version {model.version} has no {variant} export")
-        return variant
+    def choose_variant(self, model, runtime, precision, layout=None):
+        """As the service chooses: the float NCHW export, else the uint8 NHWC one, or `layout` only."""
+        if runtime == pb.RUNTIME_PYTORCH:
+            wanted = ["pytorch"]
+        else:
+            wanted = [f"onnx-{_PRECISIONS[precision]}-{x}" for x in ([layout] if layout else ["float_nchw", "uint8_nhwc"])]
+        have = {artifact_variant(a) for a in model.artifacts}
+        for variant in wanted:
+            if variant in have:
+                return variant
+        raise FailedPrecondition(f"model {model.name} version {model.version} has no {' or '.join(wanted)} export")
 
     def is_ready(self, name, version, variant):
         return (name, version, variant) in self.loaded
@@ -167,11 +171,14 @@ def infer_request(array: np.ndarray, *, model="shapes", datatype="FP32", name="i
 @pytest.mark.parametrize(
     "name, version, expected",
     [
-        ("shapes", "", ("shapes", 0, pb.RUNTIME_ONNX, pb.PRECISION_FP32)),
-        ("shapes", "3", ("shapes", 3, pb.RUNTIME_ONNX, pb.PRECISION_FP32)),
-        ("shapes@fp16", "", ("shapes", 0, pb.RUNTIME_ONNX, pb.PRECISION_FP16)),
-        ("my.model-2@int8", "12", ("my.model-2", 12, pb.RUNTIME_ONNX, pb.PRECISION_INT8)),
-        ("shapes@pytorch", "1", ("shapes", 1, pb.RUNTIME_PYTORCH, pb.PRECISION_FP32)),
+        ("shapes", "", ("shapes", 0, pb.RUNTIME_ONNX, pb.PRECISION_FP32, None)),
+        ("shapes", "3", ("shapes", 3, pb.RUNTIME_ONNX, pb.PRECISION_FP32, None)),
+        ("shapes@fp16", "", ("shapes", 0, pb.RUNTIME_ONNX, pb.PRECISION_FP16, None)),
+        ("my.model-2@int8", "12", ("my.model-2", 12, pb.RUNTIME_ONNX, pb.PRECISION_INT8, None)),
+        ("shapes@pytorch", "1", ("shapes", 1, pb.RUNTIME_PYTORCH, pb.PRECISION_FP32, None)),
+        ("shapes@nhwc", "", ("shapes", 0, pb.RUNTIME_ONNX, pb.PRECISION_FP32, "uint8_nhwc")),
+        ("shapes@fp16-nhwc", "2", ("shapes", 2, pb.RUNTIME_ONNX, pb.PRECISION_FP16, "uint8_nhwc")),
+        ("shapes@int8-nhwc", "", ("shapes", 0, pb.RUNTIME_ONNX, pb.PRECISION_INT8, "uint8_nhwc")),
     ],
 )
 def test_model_names_select_runtime_and_precision(name, version, expected):
@@ -183,7 +190,9 @@ def test_model_names_select_runtime_and_precision(name, version, expected):
     [
         ("", "", "model_name is required"),
         ("@fp16", "", "model_name is required"),
-        ("shapes@fp64", "", "@fp16, @int8, @pytorch"),
+        ("shapes@fp64", "", "@fp16, @int8, @pytorch, @nhwc, @fp16-nhwc, @int8-nhwc"),
+        ("shapes@nhwc-int8", "", "unknown variant"),
+        ("shapes@uint8", "", "unknown variant"),
         ("shapes@", "", "unknown variant"),
         ("shapes@FP16", "", "unknown variant"),
         ("shapes", "latest", "model_version"),
@@ -199,15 +208,18 @@ def test_bad_model_names_and_versions_are_invalid_arguments_that_say_what_is_val
 
 
 def test_variant_keys_map_back_to_protocol_names():
-    assert kserve.kserve_name("m", "onnx-fp32-float_nchw") == "m"
-    assert kserve.kserve_name("m", "onnx-fp32-uint8_nhwc") == "m"
-    assert kserve.kserve_name("m", "onnx-fp16-float_nchw") == "m@fp16"
-    assert kserve.kserve_name("m", "onnx-int8-uint8_nhwc") == "m@int8"
-    assert kserve.kserve_name("m", "pytorch") == "m@pytorch"
-    for suffix in ("", "@fp16", "@int8", "@pytorch"):
-        selector = kserve.parse_model("m" + suffix)
-        variant = _WANTED[(selector.runtime, selector.precision)]
-        assert kserve.kserve_name("m", variant) == "m" + suffix
+    assert kserve.protocol_names("m", "onnx-fp32-float_nchw") == ("m",)
+    assert kserve.protocol_names("m", "onnx-fp32-uint8_nhwc") == ("m", "m@nhwc")
+    assert kserve.protocol_names("m", "onnx-fp16-float_nchw") == ("m@fp16",)
+    assert kserve.protocol_names("m", "onnx-int8-uint8_nhwc") == ("m@int8", "m@int8-nhwc")
+    assert kserve.protocol_names("m", "pytorch") == ("m@pytorch",)
+    every_export = shapes_model(1, *(artifact(1, p, nhwc=n) for p in _PRECISIONS for n in (False, True)),
+                                artifact(1, pytorch=True))
+    for suffix in kserve.SUFFIXES:
+        name = "shapes" + (f"@{suffix}" if suffix else "")
+        selector = kserve.parse_model(name)
+        variant = FakeInference().choose_variant(every_export, selector.runtime, selector.precision, selector.layout)
+        assert name in kserve.protocol_names("shapes", variant)
 
 
 # --- tensors in -------------------------------------------------------------------
@@ -394,6 +406,17 @@ def test_statistics_of_two_fp32_input_formats_are_summed_under_one_name():
     assert batches == [(1, 2, 20), (4, 2, 40)]
 
 
+def test_statistics_of_the_nhwc_name_count_the_uint8_export_alone():
+    both = [_stats(images=5), _stats("onnx-fp32-uint8_nhwc", images=7), _stats("onnx-int8-uint8_nhwc", images=2)]
+    (nhwc,) = kserve.statistics_messages(both, "shapes@nhwc")
+    assert (nhwc.name, nhwc.inference_count) == ("shapes@nhwc", 7)
+    (plain,) = kserve.statistics_messages(both, "shapes")
+    assert plain.inference_count == 12
+    (int8,) = kserve.statistics_messages(both, "shapes@int8-nhwc")
+    assert (int8.name, int8.inference_count) == ("shapes@int8-nhwc", 2)
+    assert kserve.statistics_messages(both, "shapes@fp16-nhwc") == []
+
+
 def test_statistics_recorded_by_the_batcher_convert_per_request_and_per_batch():
     stats = ModelStatistics("shapes", 1, "onnx-fp16-float_nchw")
     stats.record_batch(images=4, queue_ns=[100, 50], total_ns=[900, 850], input_ns=10, infer_ns=700, output_ns=20,
@@ -506,6 +529,35 @@ def test_model_infer_calls_the_domain_and_answers_raw_outputs():
     assert [o.name for o in response.outputs] == ["logits", "embedding"]
     logits = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(2, 3)
     np.testing.assert_array_equal(logits, x.reshape(2, -1)[:, :3])
+
+
+def test_nhwc_names_serve_the_uint8_export_of_a_model_exported_both_ways():
+    inference = FakeInference()
+    s = servicer(inference, FakeModels(
+        shapes_model(1, artifact(1)),
+        shapes_model(2, artifact(2), artifact(2, nhwc=True), artifact(2, pb.PRECISION_INT8, nhwc=False)),
+    ))
+    plain = run(s.ModelMetadata(kpb.ModelMetadataRequest(name="shapes"), None))
+    assert (list(plain.versions), plain.inputs[0].datatype, list(plain.inputs[0].shape)) == (
+        ["1", "2"], "FP32", [-1, 3, 32, 32])
+    nhwc = run(s.ModelMetadata(kpb.ModelMetadataRequest(name="shapes@nhwc"), None))
+    assert (list(nhwc.versions), nhwc.inputs[0].datatype, list(nhwc.inputs[0].shape)) == (
+        ["2"], "UINT8", [-1, 32, 32, 3])
+    pixels = np.random.default_rng(2).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    request = kpb.ModelInferRequest(model_name="shapes@nhwc")
+    request.inputs.add(name="input", datatype="UINT8", shape=pixels.shape)
+    request.raw_input_contents.append(pixels.tobytes())
+    response = run(s.ModelInfer(request, None))
+    ((name, version, variant, inputs, _),) = inference.calls
+    assert (name, version, variant) == ("shapes", 2, "onnx-fp32-uint8_nhwc")
+    np.testing.assert_array_equal(inputs, pixels)
+    assert (response.model_name, response.model_version) == ("shapes@nhwc", "2")
+    assert run(s.ModelReady(kpb.ModelReadyRequest(name="shapes@nhwc"), None)).ready
+    assert not run(s.ModelReady(kpb.ModelReadyRequest(name="shapes@nhwc", version="1"), None)).ready
+    with pytest.raises(FailedPrecondition, match="uint8_nhwc"):  # INT8 exported as float NCHW only
+        run(s.ModelConfig(kpb.ModelConfigRequest(name="shapes@int8-nhwc"), None))
+    with pytest.raises(InvalidArgument, match="UINT8"):  # FP32 data for the uint8 export: the spec says why
+        run(s.ModelInfer(infer_request(np.zeros((1, 3, 32, 32), np.float32), model="shapes@nhwc"), None))
 
 
 def test_model_infer_timeout_parameter_becomes_a_deadline():

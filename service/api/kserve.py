@@ -11,8 +11,11 @@ errors propagate and the server's `ErrorInterceptor` turns them into status code
 
 Model names (`parse_model`): the protocol's NAME is the FP32 ONNX export of tlserve
 model NAME; NAME@fp16 and NAME@int8 pick other ONNX precisions, NAME@pytorch the
-PyTorch checkpoint (tlserve names cannot hold '@'). A version is an integer string,
-"" the latest.
+PyTorch checkpoint (tlserve names cannot hold '@'). These take normalised float NCHW
+tensors when that export exists, else uint8 NHWC pixels. NAME@nhwc, NAME@fp16-nhwc
+and NAME@int8-nhwc name the uint8 NHWC exports themselves, so that a client can send
+pixels (a quarter of FP32's bytes) to a model exported both ways. A version is an
+integer string, "" the latest.
 
 ModelReady loads the model (and warms it up) when it is not loaded yet, as Triton
 would have at start; a model that does not exist or has no such export is not
@@ -46,12 +49,16 @@ SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # What ServerMetadata announces: the Triton extensions served here.
 EXTENSIONS = ("classification", "model_configuration", "statistics")
 
-# Suffix after '@' → (runtime, precision) handed to InferenceService.choose_variant.
-SUFFIXES: dict[str, tuple[int, int]] = {
-    "": (pb.RUNTIME_ONNX, pb.PRECISION_FP32),
-    "fp16": (pb.RUNTIME_ONNX, pb.PRECISION_FP16),
-    "int8": (pb.RUNTIME_ONNX, pb.PRECISION_INT8),
-    "pytorch": (pb.RUNTIME_PYTORCH, pb.PRECISION_FP32),
+# Suffix after '@' → (runtime, precision, layout) handed to InferenceService.choose_variant
+# (layout None: the float NCHW export, else the uint8 NHWC one).
+SUFFIXES: dict[str, tuple[int, int, str | None]] = {
+    "": (pb.RUNTIME_ONNX, pb.PRECISION_FP32, None),
+    "fp16": (pb.RUNTIME_ONNX, pb.PRECISION_FP16, None),
+    "int8": (pb.RUNTIME_ONNX, pb.PRECISION_INT8, None),
+    "pytorch": (pb.RUNTIME_PYTORCH, pb.PRECISION_FP32, None),
+    "nhwc": (pb.RUNTIME_ONNX, pb.PRECISION_FP32, "uint8_nhwc"),
+    "fp16-nhwc": (pb.RUNTIME_ONNX, pb.PRECISION_FP16, "uint8_nhwc"),
+    "int8-nhwc": (pb.RUNTIME_ONNX, pb.PRECISION_INT8, "uint8_nhwc"),
 }
 
 # Requests computed at once per ModelStreamInfer stream; replies still go out in order.
@@ -71,6 +78,7 @@ class ModelSelector:
     version: int  # 0: the latest (or, for statistics, every version)
     runtime: int
     precision: int
+    layout: str | None = None  # None: float NCHW, else uint8 NHWC; "uint8_nhwc": only that
 
 
 def parse_version(version: str, field: str = "model_version") -> int:
@@ -88,26 +96,30 @@ FIELDS = ("name", "version")
 
 
 def parse_model(name: str, version: str = "", fields: tuple[str, str] = INFER_FIELDS) -> ModelSelector:
-    """NAME[@fp16|@int8|@pytorch] and a version string → what tlserve serves; errors name `fields`."""
+    """NAME[@SUFFIX] (a key of SUFFIXES) and a version string → what tlserve serves; errors name `fields`."""
     field, version_field = fields
     base, at, suffix = name.partition("@")
     if not base:
-        raise InvalidArgument(f"{field} is required: a tlserve model name, optionally with @fp16, @int8 or @pytorch")
+        raise InvalidArgument(f"{field} is required: a tlserve model name, optionally with @fp16, @int8, @pytorch or @nhwc")
     if at and (not suffix or suffix not in SUFFIXES):
         valid = ", ".join(f"@{s}" for s in SUFFIXES if s)
         raise InvalidArgument(
             f"{field} {name!r}: unknown variant @{suffix}; use {base!r} for the FP32 ONNX export or one of {valid}"
         )
-    runtime, precision = SUFFIXES[suffix]
-    return ModelSelector(base, parse_version(version, version_field), runtime, precision)
+    runtime, precision, layout = SUFFIXES[suffix]
+    return ModelSelector(base, parse_version(version, version_field), runtime, precision, layout)
 
 
-def kserve_name(name: str, variant: str) -> str:
-    """The protocol name of a tlserve model's variant: ("m", "onnx-int8-uint8_nhwc") → "m@int8"."""
+def protocol_names(name: str, variant: str) -> tuple[str, ...]:
+    """Every protocol name that can reach a variant: ("m", "onnx-int8-uint8_nhwc") →
+    ("m@int8", "m@int8-nhwc"); the first is the one statistics are listed under."""
     if variant == PYTORCH_VARIANT:
-        return f"{name}@pytorch"
-    precision = variant.split("-")[1] if variant.startswith("onnx-") else variant  # onnx-PRECISION-LAYOUT
-    return name if precision == "fp32" else f"{name}@{precision}"
+        return (f"{name}@pytorch",)
+    _, precision, layout = variant.split("-", 2) if variant.startswith("onnx-") else ("", variant, "")
+    plain = name if precision == "fp32" else f"{name}@{precision}"
+    if layout != "uint8_nhwc":
+        return (plain,)
+    return plain, (f"{name}@nhwc" if precision == "fp32" else f"{name}@{precision}-nhwc")
 
 
 # --- tensors ----------------------------------------------------------------
@@ -329,13 +341,15 @@ def _add(total: kpb.StatisticDuration, count: int, ns: int) -> None:
 def statistics_messages(stats: Iterable[Any], name: str = "", version: int = 0) -> list[kpb.ModelStatistics]:
     """The inference service's per-variant statistics as Triton's messages, one per protocol
     (name, version); `name`/`version` filter ("" / 0: all). Variants that share a protocol
-    name (the FP32 export in two input formats) are summed."""
+    name (the FP32 export in two input formats, under NAME) are summed; NAME@nhwc counts
+    the uint8 NHWC export alone."""
     merged: dict[tuple[str, int], kpb.ModelStatistics] = {}
     batches: dict[tuple[str, int], dict[int, list[int]]] = {}
     for s in stats:
-        key = (kserve_name(s.name, s.variant), s.version)
-        if name and key[0] != name or version and key[1] != version:
+        names = protocol_names(s.name, s.variant)
+        if name and name not in names or version and s.version != version:
             continue
+        key = (name or names[0], s.version)
         m = merged.get(key)
         if m is None:
             m = merged[key] = kpb.ModelStatistics(name=key[0], version=str(key[1]))
@@ -433,7 +447,7 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _resolve(self, selector: ModelSelector) -> Target:
         """NotFound for an unknown model or version; FailedPrecondition for a variant not exported."""
         model = await asyncio.to_thread(self._models.get, selector.name, selector.version)
-        variant = self._inference.choose_variant(model, selector.runtime, selector.precision)
+        variant = self._inference.choose_variant(model, selector.runtime, selector.precision, selector.layout)
         return Target(model, variant, find_artifact(model, variant))
 
     # --- health and metadata ------------------------------------------------
@@ -473,7 +487,7 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         versions = []
         for model in models:
             try:
-                self._inference.choose_variant(model, selector.runtime, selector.precision)
+                self._inference.choose_variant(model, selector.runtime, selector.precision, selector.layout)
             except FailedPrecondition:
                 continue
             versions.append(model.version)

@@ -68,6 +68,11 @@ LATEST_TTL_SECONDS = 1.0
 # Tensor inputs up to this size are prepared on the event loop (a copy of a few
 # hundred KiB takes microseconds); anything bigger or needing a decode goes to a thread.
 INLINE_PREPARE_BYTES = 1 << 20
+# Input layouts of ONNX exports (the variant's last part), in the order a request
+# that names none is served: the float NCHW graph, else the uint8 NHWC one.
+ONNX_LAYOUTS = ("float_nchw", "uint8_nhwc")
+_LAYOUT_WORDS = {"float_nchw": "normalised float NCHW tensors", "uint8_nhwc": "uint8 NHWC pixels"}
+
 # Batches of one model computing at once (see batcher). On a GPU the next batch's
 # host work and copies overlap the running one's kernels, so two may compute. On the
 # CPU a session's intra-op threads already take every core: a second batch alongside
@@ -228,10 +233,13 @@ class InferenceService:
         bound.observe_predict(len(request.images), time.perf_counter() - start)
         return response
 
-    def choose_variant(self, model: pb.Model, runtime: int, precision: int) -> str:
+    def choose_variant(self, model: pb.Model, runtime: int, precision: int, layout: str | None = None) -> str:
         """The artifact variant that serves `runtime` at `precision` (0 = ONNX, FP32):
-        ONNX prefers the float NCHW graph, else the uint8 NHWC one."""
+        ONNX prefers the float NCHW graph, else the uint8 NHWC one; `layout`
+        ("float_nchw" or "uint8_nhwc") asks for that graph only."""
         runtime, precision = _runtime(runtime), _precision(runtime, precision)
+        if layout is not None and layout not in ONNX_LAYOUTS:
+            raise InvalidArgument(f"input layout {layout!r} is not one of {', '.join(ONNX_LAYOUTS)}")
         variants = {artifact_variant(a) for a in model.artifacts}
         where = f"model {model.name}:{model.version}"
         if runtime == pb.RUNTIME_PYTORCH:
@@ -239,9 +247,14 @@ class InferenceService:
                 raise FailedPrecondition(f"{where} has no PyTorch artifact: predict with runtime ONNX")
             return PYTORCH_VARIANT
         p = _precision_name(precision)
-        for layout in ("float_nchw", "uint8_nhwc"):
-            if f"onnx-{p}-{layout}" in variants:
-                return f"onnx-{p}-{layout}"
+        for candidate in (layout,) if layout else ONNX_LAYOUTS:
+            if f"onnx-{p}-{candidate}" in variants:
+                return f"onnx-{p}-{candidate}"
+        if layout:
+            raise FailedPrecondition(
+                f"{where} has no ONNX {p} export taking {_LAYOUT_WORDS[layout]}: run ExportModel "
+                f"(tlserve export {model.name}:{model.version} --precision {p} --input-format {layout})"
+            )
         fallback = ", or predict with runtime PYTORCH" if PYTORCH_VARIANT in variants and p == "fp32" else ""
         raise FailedPrecondition(
             f"{where} has no ONNX {p} export: run ExportModel "
