@@ -25,7 +25,8 @@ For each backbone (224 × 224 unless --image-size says otherwise):
    batch C (the ceiling of what batching can reach) run right before or after it
    (`paired_load`): at concurrency 1 the overhead is the gRPC p50 minus the
    in-process p50 of its round, at concurrency C the ratio is gRPC images/s ÷
-   in-process images/s of its round; the figures are medians over rounds.
+   in-process images/s of its round; the figures are medians over rounds, with the
+   rounds' quartiles (`*_q1`, `*_q3`: how far this machine's speed moved them).
    `bench_perf_analyzer`: where Triton's perf_analyzer is installed
    (`scripts/get_perf_analyzer.sh`), it calls the KServe v2 ModelInfer of the same
    server at concurrency 1 and 8, against in-process ONNX Runtime right before and after.
@@ -415,7 +416,8 @@ def paired_load(client: LoadClient, reference: InProcess, concurrency: int, batc
     in-process one at `batch` (alternately first and second): the machine's speed
     drifts over seconds here (shared cores), and the two sides of a round see the same
     machine. Per round: gRPC p50 minus in-process p50, and gRPC images/s ÷ in-process
-    images/s; the figures are the medians over rounds."""
+    images/s; the figures are the medians over rounds, with their quartiles (`*_iqr`)
+    to say how far the rounds spread."""
     client.run(concurrency, 0.0, warmup=settings.warmup_seconds)
     per_round = settings.load_seconds / settings.paired_rounds
     latencies: list[float] = []
@@ -451,7 +453,23 @@ def paired_load(client: LoadClient, reference: InProcess, concurrency: int, batc
         "inprocess_images_per_second": batch / statistics.median(reference_times),
         "added_ms": statistics.median(added_ms) if added_ms else float("nan"),
         "ratio": statistics.median(ratios) if ratios else 0.0,
+        "added_ms_iqr": quartiles(added_ms),
+        "ratio_iqr": quartiles(ratios),
     }
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """The first and third quartiles (NaN for no values; the value itself for one)."""
+    if not values:
+        return float("nan"), float("nan")
+    if len(values) == 1:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
+def spread(iqr: tuple[float, float]) -> str:
+    return f"{iqr[0]:.2f}–{iqr[1]:.2f}"
 
 
 def bench_grpc(address: str, model: str, reference: InProcess, settings: Settings, kinds=("tensor", "jpeg")) -> dict:
@@ -537,6 +555,10 @@ def headline_figures(inprocess: dict, on: dict, off: dict) -> dict[str, float]:
         "grpc_overhead_ms_c1": on[("tensor", 1)]["added_ms"],
         "batching_gain_c8": on[("tensor", 8)]["ratio"] / off[("tensor", 8)]["ratio"],
         "p99_ms_c8": on[("tensor", 8)]["p99_ms"],
+        "grpc_vs_inprocess_ratio_c8_q1": on[("tensor", 8)]["ratio_iqr"][0],
+        "grpc_vs_inprocess_ratio_c8_q3": on[("tensor", 8)]["ratio_iqr"][1],
+        "grpc_overhead_ms_c1_q1": on[("tensor", 1)]["added_ms_iqr"][0],
+        "grpc_overhead_ms_c1_q3": on[("tensor", 1)]["added_ms_iqr"][1],
     }
 
 
@@ -613,11 +635,12 @@ def main(args: argparse.Namespace) -> int:
             for label, runs in (("on", on), ("off", off)):
                 for (kind, c), r in runs.items():
                     rows.append([kind, label, c, r["images_per_second"], r["p50_ms"], r["p99_ms"],
-                                 r["inprocess_images_per_second"], r["inprocess_p50_ms"], r["ratio"], r["added_ms"],
+                                 r["inprocess_images_per_second"], r["inprocess_p50_ms"], r["ratio"],
+                                 spread(r["ratio_iqr"]), r["added_ms"], spread(r["added_ms_iqr"]),
                                  sum(r["errors"].values())])
             say(table(["input", "batching", "concurrency", "img/s", "p50 ms", "p99 ms", "in-process img/s",
-                       "in-process p50 ms", "÷ in-process (median of rounds)", "p50 added ms (median of rounds)",
-                       "errors"], rows))
+                       "in-process p50 ms", "÷ in-process (median of rounds)", "its quartiles",
+                       "p50 added ms (median of rounds)", "its quartiles", "errors"], rows))
             if perf is None:
                 say(f"\nperf_analyzer: not found at {args.perf_analyzer} (scripts/get_perf_analyzer.sh fetches it); skipped")
             else:

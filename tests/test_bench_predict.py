@@ -19,8 +19,10 @@ def test_percentile_is_nearest_rank():
 def test_headline_figures_take_the_rounds_paired_with_inprocess_ones():
     inprocess = {1: {"ratio": 2.0, "ort_p50_ms": 10.0, "ort_images_per_second": 100.0},
                  8: {"ratio": 1.5, "ort_p50_ms": 70.0, "ort_images_per_second": 114.0}}
-    on = {("tensor", 1): {"p50_ms": 12.5, "added_ms": 2.5, "ratio": 0.8, "p99_ms": 20.0},
-          ("tensor", 8): {"p50_ms": 75.0, "added_ms": 5.0, "ratio": 0.95, "p99_ms": 90.0}}
+    on = {("tensor", 1): {"p50_ms": 12.5, "added_ms": 2.5, "ratio": 0.8, "p99_ms": 20.0,
+                          "added_ms_iqr": (2.0, 3.0), "ratio_iqr": (0.7, 0.9)},
+          ("tensor", 8): {"p50_ms": 75.0, "added_ms": 5.0, "ratio": 0.95, "p99_ms": 90.0,
+                          "added_ms_iqr": (4.0, 6.0), "ratio_iqr": (0.9, 0.97)}}
     off = {("tensor", 8): {"p50_ms": 80.0, "added_ms": 10.0, "ratio": 0.76, "p99_ms": 99.0}}
     figures = predict.headline_figures(inprocess, on, off)
     assert figures["grpc_overhead_ms_c1"] == 2.5
@@ -28,6 +30,8 @@ def test_headline_figures_take_the_rounds_paired_with_inprocess_ones():
     assert figures["batching_gain_c8"] == pytest.approx(0.95 / 0.76)
     assert figures["p99_ms_c8"] == 90.0
     assert figures["ort_vs_torch_ratio_b8"] == 1.5
+    assert (figures["grpc_vs_inprocess_ratio_c8_q1"], figures["grpc_vs_inprocess_ratio_c8_q3"]) == (0.9, 0.97)
+    assert (figures["grpc_overhead_ms_c1_q1"], figures["grpc_overhead_ms_c1_q3"]) == (2.0, 3.0)
 
 
 class _Client:
@@ -44,13 +48,17 @@ class _Client:
 
 
 class _Reference:
-    def __init__(self, seconds_per_call: float) -> None:
+    """Calls of `seconds_per_call`, or of the next of several per round."""
+
+    def __init__(self, seconds_per_call: float | list[float]) -> None:
+        self.per_round = seconds_per_call if isinstance(seconds_per_call, list) else None
         self.seconds_per_call = seconds_per_call
         self.batches: list[int] = []
 
     def run(self, batch: int, seconds: float) -> list[float]:
         self.batches.append(batch)
-        return [self.seconds_per_call] * 5
+        per_call = self.per_round[len(self.batches) - 1] if self.per_round else self.seconds_per_call
+        return [per_call] * 5
 
 
 def test_paired_load_compares_each_round_with_its_inprocess_neighbour():
@@ -65,6 +73,19 @@ def test_paired_load_compares_each_round_with_its_inprocess_neighbour():
     assert result["ratio"] == pytest.approx(0.8)
     assert result["images_per_second"] == pytest.approx(80.0)
     assert result["p50_ms"] == 100.0
+    assert result["ratio_iqr"] == pytest.approx((0.8, 0.8))
+
+
+def test_paired_load_gives_the_quartiles_of_its_rounds():
+    settings = predict.Settings(backbones=("resnet18",), paired_rounds=5, load_seconds=10.0)
+    # In-process batch 8 at 100, 80, 50, 200 and 160 images/s; gRPC 80 images/s throughout.
+    reference = _Reference([0.08, 0.1, 0.16, 0.04, 0.05])
+    result = predict.paired_load(_Client(latency_ms=100.0), reference, concurrency=8, batch=8, settings=settings)
+    assert result["ratio"] == pytest.approx(0.8)  # ratios 0.8, 1.0, 1.6, 0.4, 0.5
+    assert result["ratio_iqr"] == pytest.approx((0.5, 1.0))
+    assert result["added_ms_iqr"] == pytest.approx((0.0, 50.0))  # 20, 0, -60, 60, 50
+    assert predict.quartiles([]) != predict.quartiles([])  # NaN: no rounds, no spread
+    assert predict.quartiles([3.0]) == (3.0, 3.0)
 
 
 def test_final_lines_put_the_required_figures_first_in_order():
