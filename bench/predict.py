@@ -29,7 +29,9 @@ For each backbone (224 × 224 unless --image-size says otherwise):
    rounds' quartiles (`*_q1`, `*_q3`: how far this machine's speed moved them).
    `bench_perf_analyzer`: where Triton's perf_analyzer is installed
    (`scripts/get_perf_analyzer.sh`), it calls the KServe v2 ModelInfer of the same
-   server at concurrency 1 and 8, against in-process ONNX Runtime right before and after.
+   server at concurrency 1 and 8, against in-process ONNX Runtime right before and after;
+   then, at concurrency 1, NAME@nhwc (an FP32 export taking uint8 NHWC pixels, made
+   for it) to show what sending pixels instead of float tensors saves.
 4. `bench_precisions`: FP16 and INT8 against FP32: in-process speed at batch 1 and
    8 and file size of the benchmark-size model, and the test accuracy ExportModel
    measured on a second model of the same backbone trained in full at 32 px
@@ -493,8 +495,8 @@ PERF_ANALYZER = Path(__file__).resolve().parent.parent / "var" / "tools" / "perf
 def bench_perf_analyzer(tool: Path, address: str, model: str, reference: InProcess, settings: Settings,
                         concurrencies=(1, 8)) -> dict[int, dict]:
     """Triton's perf_analyzer (C++; `scripts/get_perf_analyzer.sh`) calling the KServe v2
-    ModelInfer of the same server unchanged, batch 1 per request, random FP32 input as
-    the model's metadata describes it, at each concurrency until three of its windows
+    ModelInfer of the same server unchanged, batch 1 per request, random input of the
+    datatype and shape the model's metadata gives, at each concurrency until three of its windows
     (2 s or more each) agree within 30 %; a concurrency that never settles
     is reported without a figure. The in-process reference at batch C runs right
     before and right after."""
@@ -616,8 +618,15 @@ def main(args: argparse.Namespace) -> int:
                           [[b, r["ort_p50_ms"], r["torch_p50_ms"], r["ort_images_per_second"],
                             r["torch_images_per_second"], r["ratio"]] for b, r in inprocess.items()]))
                 on = bench_grpc(server.address, model.name, reference, settings)
-                perf = (bench_perf_analyzer(args.perf_analyzer, server.address, model.name, reference, settings)
-                        if args.perf_analyzer.exists() else None)
+                perf = perf_nhwc = None
+                if args.perf_analyzer.exists():
+                    perf = bench_perf_analyzer(args.perf_analyzer, server.address, model.name, reference, settings)
+                    # The same through NAME@nhwc: uint8 pixels, a quarter of the bytes.
+                    with tlclient.Client(server.address, timeout=120) as tl:
+                        tl.export_model(model.name, version=model.version, precision="fp32",
+                                        input_format="uint8_nhwc", timeout=1800)
+                    perf_nhwc = bench_perf_analyzer(args.perf_analyzer, server.address, f"{model.name}@nhwc",
+                                                    reference, settings, concurrencies=(1,))
             except BaseException:
                 print("server log (tail):\n" + "\n".join(server.log().splitlines()[-40:]), file=sys.stderr)
                 raise
@@ -645,12 +654,16 @@ def main(args: argparse.Namespace) -> int:
                 say(f"\nperf_analyzer: not found at {args.perf_analyzer} (scripts/get_perf_analyzer.sh fetches it); skipped")
             else:
                 say("\nTriton's perf_analyzer (C++) on the KServe v2 ModelInfer of the same server, batch 1, "
-                    "FP32 input; in-process ONNX Runtime at batch C right before and after")
-                say(table(["concurrency", "img/s", "p50 ms", "p99 ms", "in-process img/s", "in-process p50 ms",
-                           "÷ in-process", "p50 added ms", "server queue ms", "server compute ms"],
-                          [[c, r["images_per_second"], r["p50_ms"], r["p99_ms"], r["inprocess_images_per_second"],
-                            r["inprocess_p50_ms"], r["ratio"], r["added_ms"], r["server_queue_ms"],
-                            r["server_compute_ms"]] for c, r in perf.items()]))
+                    f"FP32 NCHW input ({model.name}) and uint8 NHWC pixels ({model.name}@nhwc, the FP32 export "
+                    "that normalises in its graph); in-process ONNX Runtime (FP32 NCHW) at batch C right before "
+                    "and after")
+                say(table(["input", "concurrency", "img/s", "p50 ms", "p99 ms", "in-process img/s",
+                           "in-process p50 ms", "÷ in-process", "p50 added ms", "server queue ms",
+                           "server compute ms"],
+                          [[kind, c, r["images_per_second"], r["p50_ms"], r["p99_ms"],
+                            r["inprocess_images_per_second"], r["inprocess_p50_ms"], r["ratio"], r["added_ms"],
+                            r["server_queue_ms"], r["server_compute_ms"]]
+                           for kind, rows in (("FP32", perf), ("UINT8", perf_nhwc or {})) for c, r in rows.items()]))
             jpeg, tensor = on[("jpeg", 1)]["p50_ms"], on[("tensor", 1)]["p50_ms"]
             say(f"JPEG {CAMERA_FRAME[0]}×{CAMERA_FRAME[1]} at concurrency 1: p50 {jpeg:.2f} ms against {tensor:.2f} ms "
                 f"for a prepared tensor: decode and resize are {max(0.0, jpeg - tensor) / jpeg:.0%} of the call")
@@ -678,6 +691,8 @@ def main(args: argparse.Namespace) -> int:
                     found["perf_analyzer_overhead_ms_c1"] = perf[1]["added_ms"]
                 if 8 in perf:
                     found["perf_analyzer_vs_inprocess_ratio_c8"] = perf[8]["ratio"]
+                if perf_nhwc and 1 in perf_nhwc:
+                    found["perf_analyzer_overhead_ms_c1_nhwc"] = perf_nhwc[1]["added_ms"]
             if backbone == settings.backbones[0]:
                 figures.update(found)
             else:
