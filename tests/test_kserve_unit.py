@@ -97,7 +97,8 @@ class FakeInference:
         if runtime == pb.RUNTIME_PYTORCH:
             wanted = ["pytorch"]
         else:
-            wanted = [f"onnx-{_PRECISIONS[precision]}-{x}" for x in ([layout] if layout else ["float_nchw", "uint8_nhwc"])]
+            layouts = [layout] if layout else ["float_nchw", "uint8_nhwc"]
+            wanted = [f"onnx-{_PRECISIONS[precision]}-{x}" for x in layouts]
         have = {artifact_variant(a) for a in model.artifacts}
         for variant in wanted:
             if variant in have:

@@ -100,7 +100,9 @@ def parse_model(name: str, version: str = "", fields: tuple[str, str] = INFER_FI
     field, version_field = fields
     base, at, suffix = name.partition("@")
     if not base:
-        raise InvalidArgument(f"{field} is required: a tlserve model name, optionally with @fp16, @int8, @pytorch or @nhwc")
+        raise InvalidArgument(
+            f"{field} is required: a tlserve model name, optionally with @fp16, @int8, @pytorch or @nhwc"
+        )
     if at and (not suffix or suffix not in SUFFIXES):
         valid = ", ".join(f"@{s}" for s in SUFFIXES if s)
         raise InvalidArgument(
