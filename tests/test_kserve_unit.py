@@ -24,7 +24,7 @@ from client.tlserve.v1 import tlserve_pb2 as pb
 from service.api import kserve
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.inference.stats import BatchStats, Duration, ModelStatistics
-from service.store.models import artifact_variant
+from service.store.models import ONNX_LAYOUTS, artifact_variant
 
 CLASSES = ["circle", "square", "triangle"]
 
@@ -97,7 +97,7 @@ class FakeInference:
         if runtime == pb.RUNTIME_PYTORCH:
             wanted = ["pytorch"]
         else:
-            layouts = [layout] if layout else ["float_nchw", "uint8_nhwc"]
+            layouts = [layout] if layout else ONNX_LAYOUTS
             wanted = [f"onnx-{_PRECISIONS[precision]}-{x}" for x in layouts]
         have = {artifact_variant(a) for a in model.artifacts}
         for variant in wanted:

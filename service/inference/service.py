@@ -57,7 +57,7 @@ from service.inference.sessions import (
 )
 from service.inference.stats import ModelStatistics
 from service.store.artifacts import ArtifactStore
-from service.store.models import PYTORCH_VARIANT, ModelStore, artifact_variant
+from service.store.models import ONNX_LAYOUTS, PYTORCH_VARIANT, ModelStore, artifact_variant
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,6 @@ LATEST_TTL_SECONDS = 1.0
 # Tensor inputs up to this size are prepared on the event loop (a copy of a few
 # hundred KiB takes microseconds); anything bigger or needing a decode goes to a thread.
 INLINE_PREPARE_BYTES = 1 << 20
-# Input layouts of ONNX exports (the variant's last part), in the order a request
-# that names none is served: the float NCHW graph, else the uint8 NHWC one.
-ONNX_LAYOUTS = ("float_nchw", "uint8_nhwc")
 _LAYOUT_WORDS = {"float_nchw": "normalised float NCHW tensors", "uint8_nhwc": "uint8 NHWC pixels"}
 
 # Batches of one model computing at once (see batcher). On a GPU the next batch's

@@ -18,6 +18,9 @@ from service.store.artifacts import ArtifactStore
 from service.store.metadata import MetadataStore
 
 PYTORCH_VARIANT = "pytorch"
+# Input layouts of ONNX exports (a variant's last part), in the order a request that
+# names none is served: the float NCHW graph, else the uint8 NHWC one.
+ONNX_LAYOUTS = ("float_nchw", "uint8_nhwc")
 
 
 def artifact_variant(artifact: pb.ModelArtifact) -> str:
