@@ -461,13 +461,11 @@ def paired_load(client: LoadClient, reference: InProcess, concurrency: int, batc
 
 
 def quartiles(values: list[float]) -> tuple[float, float]:
-    """The first and third quartiles (NaN for no values; the value itself for one)."""
+    """The first and third quartiles, nearest rank as `percentile` (NaN for no values)."""
     if not values:
         return float("nan"), float("nan")
-    if len(values) == 1:
-        return values[0], values[0]
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q3
+    ordered = sorted(values)
+    return percentile(ordered, 25), percentile(ordered, 75)
 
 
 def spread(iqr: tuple[float, float]) -> str:
