@@ -41,7 +41,7 @@ from client.tlserve.v1 import tlserve_pb2 as pb
 from service.config import Settings
 from service.errors import Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted, TLServeError
 from service.store.artifacts import ArtifactStore
-from service.store.models import ONNX_LAYOUTS, PYTORCH_VARIANT, ModelStore, artifact_variant
+from service.store.models import PYTORCH_VARIANT, ModelStore, artifact_variant
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +167,11 @@ class ProfileService:
         else:
             have = {artifact_variant(a) for a in model.artifacts}
             chosen = [PYTORCH_VARIANT] if PYTORCH_VARIANT in have else []
-            for precision in ("fp32", "fp16", "int8"):
-                for layout in ONNX_LAYOUTS:
-                    if f"onnx-{precision}-{layout}" in have:
-                        chosen.append(f"onnx-{precision}-{layout}")
-                        break
+            for precision in (pb.PRECISION_FP32, pb.PRECISION_FP16, pb.PRECISION_INT8):
+                try:
+                    chosen.append(self._choose_variant(model, pb.RUNTIME_ONNX, precision))
+                except FailedPrecondition:  # not exported at this precision
+                    continue
         return list(dict.fromkeys(chosen))
 
     def _samples(self, model: pb.Model, measure_accuracy: bool) -> tuple[tuple[str, int], ...]:
