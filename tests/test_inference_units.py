@@ -390,8 +390,8 @@ def test_close_finishes_queued_work_then_refuses_new_requests(pool):
         ("max_concurrent_batches", 0, "max_concurrent_batches must be >= 1"),
     ],
 )
-def test_bad_batcher_options_fail_when_it_is_built(option, value, message):
-    options = dict(max_batch_size=4, max_delay_seconds=0.0, max_queue_size=4)
+def test_bad_batcher_options_fail_when_it_is_built(option, value, message, pool):
+    options = dict(max_batch_size=4, max_delay_seconds=0.0, max_queue_size=4, executor=pool)
     options[option] = value
     with pytest.raises(ValueError, match=message):
         DynamicBatcher(lambda x: x, **options)

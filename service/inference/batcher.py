@@ -27,6 +27,14 @@ batches while fewer than `max_concurrent_batches` compute:
   the inference service uses 1 for a session on the CPU, whose intra-op threads
   already take every core).
 
+Handing over. A batch runs in `executor` (submitted there directly) and its end
+reaches the loop through one `call_soon_threadsafe`, whose callback hands out the
+results and launches the batch collected meanwhile. Through `loop.run_in_executor`
+the end took a second loop iteration, behind the gRPC work ready by then: on 2 cores,
+mobilenet_v3_large at 224 px at concurrency 8, the compute thread waited 1.4-2.0 ms
+(median) between batches of ~18 ms, against 0.3 ms now, and Predict served 190-208
+images/s against 163-192 (servers alternating).
+
 Limits and failures:
 - A request larger than `max_batch_size` is split into chunks of at most that
   size, queued together (each counts against `max_queue_size`) and joined back.
@@ -91,7 +99,7 @@ class DynamicBatcher:
         max_batch_size: int,
         max_delay_seconds: float,
         max_queue_size: int,
-        executor: concurrent.futures.Executor | None = None,
+        executor: concurrent.futures.Executor,
         stats: ModelStatistics | None = None,
         observer: BatchObserver | None = None,
         max_concurrent_batches: int = 2,
@@ -273,10 +281,21 @@ class DynamicBatcher:
         self._computing += 1
         start = time.monotonic()
         arrays = [e.inputs for e in batch]
-        future = self._loop.run_in_executor(self._executor, self._run_batch, arrays)
-        future.add_done_callback(functools.partial(self._batch_done, batch, start))
+        # Submitted to the executor itself, its end handed to the loop in one
+        # call_soon_threadsafe: loop.run_in_executor's asyncio future takes a second
+        # loop iteration before `_batch_done` runs, behind whatever else is ready, and
+        # the next batch waited for it (see "Handing over" above).
+        future = self._executor.submit(self._run_batch, arrays)
+        future.add_done_callback(functools.partial(self._finished, batch, start))
 
-    def _batch_done(self, batch: list[_Pending], start: float, future: asyncio.Future) -> None:
+    def _finished(self, batch: list[_Pending], start: float, future: concurrent.futures.Future) -> None:
+        """In the compute thread, as the batch ends: its results go to the loop."""
+        try:
+            self._loop.call_soon_threadsafe(self._batch_done, batch, start, future)
+        except RuntimeError:  # the loop is closed: nobody waits for these results any more
+            pass
+
+    def _batch_done(self, batch: list[_Pending], start: float, future: concurrent.futures.Future) -> None:
         self._computing -= 1
         end = time.monotonic()
         try:
