@@ -281,10 +281,7 @@ class DynamicBatcher:
         self._computing += 1
         start = time.monotonic()
         arrays = [e.inputs for e in batch]
-        # Submitted to the executor itself, its end handed to the loop in one
-        # call_soon_threadsafe: loop.run_in_executor's asyncio future takes a second
-        # loop iteration before `_batch_done` runs, behind whatever else is ready, and
-        # the next batch waited for it (see "Handing over" above).
+        # Not loop.run_in_executor: see "Handing over" above.
         future = self._executor.submit(self._run_batch, arrays)
         future.add_done_callback(functools.partial(self._finished, batch, start))
 
