@@ -39,7 +39,7 @@ from client.inference import grpc_service_pb2_grpc
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, TLServeError
 from service.store import paging
-from service.store.models import PYTORCH_VARIANT, ModelStore, artifact_variant
+from service.store.models import PYTORCH_VARIANT, ModelStore, artifact_variant, onnx_parts
 
 if TYPE_CHECKING:
     from service.inference.service import InferenceService
@@ -117,7 +117,7 @@ def protocol_names(name: str, variant: str) -> tuple[str, ...]:
     ("m@int8", "m@int8-nhwc"); the first is the one statistics are listed under."""
     if variant == PYTORCH_VARIANT:
         return (f"{name}@pytorch",)
-    _, precision, layout = variant.split("-", 2) if variant.startswith("onnx-") else ("", variant, "")
+    precision, layout = onnx_parts(variant)
     plain = name if precision == "fp32" else f"{name}@{precision}"
     if layout != "uint8_nhwc":
         return (plain,)

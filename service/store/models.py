@@ -32,11 +32,18 @@ def artifact_variant(artifact: pb.ModelArtifact) -> str:
     return f"onnx-{precision}-{layout}"
 
 
+def onnx_parts(variant: str) -> tuple[str, str]:
+    """The precision and input layout of an ONNX variant: "onnx-int8-uint8_nhwc" →
+    ("int8", "uint8_nhwc"); empty strings for what a variant key does not hold."""
+    _, precision, layout = (variant.split("-", 2) + ["", ""])[:3]
+    return precision, layout
+
+
 def variant_order(variant: str) -> tuple[int, int, str]:
     """Sort key of artifact variants: PyTorch, then ONNX fp32, fp16, int8 (float layout first)."""
     if variant == PYTORCH_VARIANT:
         return (0, 0, "")
-    _, precision, layout = (variant.split("-", 2) + ["", ""])[:3]
+    precision, layout = onnx_parts(variant)
     return (1, {"fp32": 0, "fp16": 1, "int8": 2}.get(precision, 3), "" if layout == "float_nchw" else layout)
 
 
