@@ -109,6 +109,11 @@ class Settings:
         0, "ONNX Runtime intra-op threads per loaded model (0: ONNX Runtime's default, one per physical core)",
         _non_negative_int,
     )
+    cpu_lanes: int = _setting(
+        0, "batches of one model on the CPU that run at once, each on one core, under load; a lone request runs "
+        "on every intra-op thread (0: one per intra-op thread; 1: off, one batch at a time on every thread)",
+        _non_negative_int,
+    )
     model_cache_bytes: int = _setting(
         2 * 1024 * MiB, "memory budget for models loaded for prediction; the least recently used are unloaded",
         _positive_int,

@@ -8,6 +8,8 @@ import dataclasses
 import functools
 import importlib.metadata
 import importlib.util
+import os
+import pathlib
 
 # ONNX Runtime providers tlserve uses, in preference order (design: TensorRT →
 # CUDA → CPU); the available ones are intersected with this list.
@@ -68,3 +70,19 @@ def versions() -> dict[str, str]:
 
 def gpu_count() -> int:
     return sum(1 for d in devices() if d.name.startswith("cuda"))
+
+
+@functools.cache
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyperthread siblings count once), as
+    ONNX Runtime counts them for its default intra-op threads; the logical CPU count
+    where the topology cannot be read."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cores: set[str] = set()
+    for cpu in cpus:
+        try:
+            siblings = pathlib.Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list").read_text()
+        except OSError:
+            return len(cpus)
+        cores.add(siblings.strip())
+    return len(cores) or len(cpus) or os.cpu_count() or 1

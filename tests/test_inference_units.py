@@ -122,12 +122,142 @@ def test_requests_arriving_while_a_batch_computes_form_the_next_batch(pool):
     assert model.sizes == [1, 3]
 
 
+class Providers:
+    def __init__(self, *providers: str) -> None:
+        self.providers = providers
+
+
 def test_one_batch_computes_at_a_time_on_the_cpu_and_two_on_a_gpu():
-    assert concurrent_batches(("CPUExecutionProvider",)) == 1
-    assert concurrent_batches(("pytorch-cpu",)) == 1
-    assert concurrent_batches(("CUDAExecutionProvider", "CPUExecutionProvider")) == 2
-    assert concurrent_batches(("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")) == 2
-    assert concurrent_batches(("pytorch-cuda",)) == 2
+    assert concurrent_batches(Providers("CPUExecutionProvider")) == 1
+    assert concurrent_batches(Providers("pytorch-cpu")) == 1
+    assert concurrent_batches(Providers("CUDAExecutionProvider", "CPUExecutionProvider")) == 2
+    assert concurrent_batches(Providers("TensorrtExecutionProvider", "CUDAExecutionProvider",
+                                        "CPUExecutionProvider")) == 2
+    assert concurrent_batches(Providers("pytorch-cuda")) == 2
+
+
+def test_cpu_lanes_default_to_one_per_intra_op_thread(monkeypatch):
+    from service import hardware
+    from service.config import Settings
+    from service.inference.service import cpu_lanes
+
+    monkeypatch.setattr(hardware, "physical_cores", lambda: 6)
+    assert cpu_lanes(Settings()) == 6  # ONNX Runtime's default threads: the physical cores
+    assert cpu_lanes(Settings(inference_threads=3)) == 3
+    assert cpu_lanes(Settings(inference_threads=3, cpu_lanes=2)) == 2
+    assert cpu_lanes(Settings(cpu_lanes=1)) == 1  # off
+
+
+def test_physical_cores_is_at_least_one_and_at_most_the_cpus_this_process_may_use():
+    import os
+
+    from service import hardware
+
+    assert 1 <= hardware.physical_cores() <= len(os.sched_getaffinity(0))
+
+
+# -- the batcher's lanes (a model on the CPU: single-threaded runs side by side) -------
+
+
+class LaneModel:
+    """infer_fn (narrow) and solo_fn (wide) that record which ran each batch, with
+    batches held at a gate while the test looks."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[str, int]] = []
+        self.gates = {"solo": threading.Event(), "narrow": threading.Event()}
+        self.lock = threading.Lock()
+
+    def _run(self, kind: str, x: np.ndarray) -> dict[str, np.ndarray]:
+        with self.lock:
+            self.runs.append((kind, len(x)))
+        assert self.gates[kind].wait(10), "test gate never opened"
+        return {"double": x * 2}
+
+    def narrow(self, x):
+        return self._run("narrow", x)
+
+    def solo(self, x):
+        return self._run("solo", x)
+
+
+def laned_batcher(model: LaneModel, pool, **kwargs) -> DynamicBatcher:
+    options = dict(max_batch_size=8, max_delay_seconds=5.0, max_queue_size=16, executor=pool,
+                   max_concurrent_batches=2, solo_fn=model.solo)
+    options.update(kwargs)
+    return DynamicBatcher(model.narrow, **options)
+
+
+def test_a_lone_request_on_an_idle_model_runs_on_every_core_and_alone(pool):
+    model = LaneModel()
+
+    async def main():
+        b = laned_batcher(model, pool)
+        first = asyncio.ensure_future(b.submit(rows(1, 2)))  # one request, two images
+        await wait_until(lambda: model.runs)
+        rest = [asyncio.ensure_future(b.submit(rows(v))) for v in (3, 4, 5)]
+        await asyncio.sleep(0.05)
+        assert b.computing == 1 and b.queue_depth == 3  # a free lane, but the solo run takes every core
+        model.gates["solo"].set()
+        model.gates["narrow"].set()
+        results = await asyncio.gather(first, *rest)
+        return [r["double"][:, 0].tolist() for r in results]
+
+    assert asyncio.run(main()) == [[2.0, 4.0], [6.0], [8.0], [10.0]]
+    assert model.runs[0] == ("solo", 2)
+    # The three waiting requests shared the two lanes freed together: 2 + 1, single-threaded.
+    assert sorted(model.runs[1:]) == [("narrow", 1), ("narrow", 2)]
+
+
+def test_lanes_take_waiting_requests_at_once_and_a_request_waits_only_while_every_lane_computes(pool):
+    model = LaneModel()
+
+    async def main():
+        b = laned_batcher(model, pool, max_delay_seconds=5.0)
+        first = asyncio.ensure_future(b.submit(rows(1)))
+        await wait_until(lambda: model.runs)
+        second, third = (asyncio.ensure_future(b.submit(rows(v))) for v in (2, 3))
+        await asyncio.sleep(0.05)
+        assert b.computing == 1  # the solo run
+        model.gates["solo"].set()
+        await first
+        await wait_until(lambda: len(model.runs) == 3, timeout=1.0)  # one lane each, no 5 s delay
+        assert b.computing == 2
+        fourth = asyncio.ensure_future(b.submit(rows(4)))
+        await asyncio.sleep(0.05)
+        assert b.queue_depth == 1  # every lane busy: it waits for one
+        model.gates["narrow"].set()
+        await asyncio.wait_for(asyncio.gather(second, third, fourth), 2.0)
+
+    asyncio.run(main())
+    assert model.runs == [("solo", 1), ("narrow", 1), ("narrow", 1), ("narrow", 1)]
+
+
+def test_a_lane_freed_while_another_computes_takes_the_whole_queue(pool):
+    model = LaneModel()
+    release = {1: threading.Event(), 2: threading.Event()}
+    started: list[int] = []
+
+    def narrow(x):
+        started.append(int(x[0, 0]))
+        release[int(x[0, 0])].wait(5) if int(x[0, 0]) in release else None
+        return {"double": x * 2}
+
+    async def main():
+        b = DynamicBatcher(narrow, max_batch_size=8, max_delay_seconds=5.0, max_queue_size=16, executor=pool,
+                           max_concurrent_batches=2, solo_fn=model.solo)
+        both = [asyncio.ensure_future(b.submit(rows(v))) for v in (1, 2)]  # two requests: the two lanes
+        await wait_until(lambda: len(started) == 2)
+        rest = [asyncio.ensure_future(b.submit(rows(v))) for v in (5, 6, 7)]
+        await asyncio.sleep(0.02)
+        release[2].set()  # lane 2 frees while lane 1 still computes: it takes all three
+        await asyncio.wait_for(asyncio.gather(*rest), 2.0)
+        release[1].set()
+        await asyncio.gather(*both)
+
+    asyncio.run(main())
+    assert sorted(started[:2]) == [1, 2] and started[2:] == [5]
+    assert model.runs == []  # never solo: the model was never idle with one request
 
 
 def test_with_one_concurrent_batch_the_next_waits_for_the_running_one_however_long(pool):
@@ -682,6 +812,28 @@ def test_a_cpu_session_with_long_runs_keeps_onnx_runtimes_spinning(tmp_path, mon
     assert session.spin_between_runs is True
     with pytest.raises(Exception):  # the entry was never set: ORT's default applies
         _force_spinning_stop(session)
+
+
+def test_with_lanes_a_cpu_model_opens_a_single_threaded_session_beside_the_wide_one(tmp_path):
+    from service.inference import sessions
+
+    _tiny_onnx(tmp_path / "tiny.onnx")
+    session = sessions.open_onnx_session(tmp_path / "tiny.onnx", warm_batch=4, fill_size=4, lanes=2,
+                                         threads=2, providers=["CPUExecutionProvider"])
+    try:
+        assert isinstance(session, sessions.LanedSession) and session.lanes == 2
+        wide = session.wide._session.get_session_options()
+        narrow = session.narrow._session.get_session_options()
+        assert (wide.intra_op_num_threads, narrow.intra_op_num_threads) == (2, 1)
+        x = np.arange(3 * 48, dtype=np.float32).reshape(3, 3, 4, 4)
+        np.testing.assert_array_equal(session.run(x)["logits"], session.run_wide(x)["logits"])
+        assert session.input == session.wide.input and session.outputs == session.wide.outputs
+    finally:
+        session.close()
+    assert session.wide._session is None and session.narrow._session is None
+    plain = sessions.open_onnx_session(tmp_path / "tiny.onnx", warm_batch=4, fill_size=4, lanes=1,
+                                       providers=["CPUExecutionProvider"])
+    assert isinstance(plain, sessions.OnnxSession)
 
 
 # -- preprocessing: uint8 pixels normalised in the compute thread ---------------------------

@@ -48,6 +48,7 @@ from service.inference import cache
 from service.inference.batcher import DynamicBatcher
 from service.inference.preprocess import Preprocessor
 from service.inference.sessions import (
+    LanedSession,
     Session,
     TensorInfo,
     TorchSession,
@@ -72,10 +73,12 @@ _LAYOUT_WORDS = {"float_nchw": "normalised float NCHW tensors", "uint8_nhwc": "u
 
 # Batches of one model computing at once (see batcher). On a GPU the next batch's
 # host work and copies overlap the running one's kernels, so two may compute. On the
-# CPU a session's intra-op threads already take every core: a second batch alongside
-# only splits the cores between two barrier-synchronised runs. Measured on 2 cores,
-# resnet18 at 224 px, Predict at concurrency 8 against in-process ONNX Runtime at
-# batch 8 in paired rounds (bench/predict.py): 0.80 of it with 2 batches, 0.93 with 1.
+# CPU a multi-threaded session's intra-op threads already take every core: a second
+# batch alongside only splits the cores between two barrier-synchronised runs
+# (measured on 2 cores, resnet18 at 224 px, Predict at concurrency 8 against
+# in-process ONNX Runtime at batch 8: 0.80 of it with 2 batches, 0.93 with 1). So on
+# the CPU batches run one at a time on that session, or, with lanes (`cpu_lanes`,
+# the default), one per core on a single-threaded session (batcher: "Lanes").
 MAX_CONCURRENT_BATCHES_GPU = 2
 MAX_CONCURRENT_BATCHES_CPU = 1
 
@@ -156,7 +159,7 @@ class InferenceService:
         cache.configure_allocator()
         self._decode_pool = concurrent.futures.ThreadPoolExecutor(settings.executor_threads, "tlserve-decode")
         self._compute_pool = concurrent.futures.ThreadPoolExecutor(
-            max(MAX_CONCURRENT_BATCHES_GPU, settings.executor_threads), "tlserve-infer"
+            max(MAX_CONCURRENT_BATCHES_GPU, cpu_lanes(settings), settings.executor_threads), "tlserve-infer"
         )
         # One thread: loads and unloads are serialised by cache.LOAD_LOCK anyway.
         self._load_pool = concurrent.futures.ThreadPoolExecutor(1, "tlserve-load")
@@ -488,8 +491,10 @@ class InferenceService:
                     functools.partial(run_ranked, session.run), max_batch_size=self._settings.max_batch_size,
                     max_delay_seconds=self._settings.batch_delay_seconds,
                     max_queue_size=self._settings.max_queue_size, executor=self._compute_pool, stats=stats,
-                    observer=bound, max_concurrent_batches=concurrent_batches(session.providers),
+                    observer=bound, max_concurrent_batches=concurrent_batches(session),
                     collate=self._preprocessor(key, record.model).collate,
+                    solo_fn=functools.partial(run_ranked, session.run_wide) if isinstance(session, LanedSession)
+                    else None,
                     name=f"model {name}:{version} ({variant})",
                 ),
                 metrics=bound, ready=True,
@@ -505,6 +510,7 @@ class InferenceService:
                     "model": name, "version": version, "variant": variant, "memory_bytes": memory,
                     "providers": list(session.providers), "seconds": round(seconds, 3),
                     "spin_between_runs": getattr(session, "spin_between_runs", None),
+                    "cpu_lanes": getattr(session, "lanes", 1),
                 }})
             else:  # evicted (DeleteModel) or the service closed while it loaded
                 self._retire(model)
@@ -531,7 +537,7 @@ class InferenceService:
                 return session
             nhwc = artifact.input_format == pb.INPUT_FORMAT_UINT8_NHWC
             return open_onnx_session(
-                path, warm_batch=settings.max_batch_size, fill_size=crop,
+                path, warm_batch=settings.max_batch_size, fill_size=crop, lanes=cpu_lanes(settings),
                 threads=settings.inference_threads, max_batch_size=settings.max_batch_size,
                 providers=providers, fp16=artifact.precision == pb.PRECISION_FP16,
                 sample_shape=(crop, crop, 3) if nhwc else (3, crop, crop),
@@ -577,12 +583,21 @@ class InferenceService:
 # -- helpers ---------------------------------------------------------------------------
 
 
-def concurrent_batches(providers: tuple[str, ...]) -> int:
-    """How many batches of a model may compute at once, by where its session runs
-    (its first provider: ONNX Runtime's, or "pytorch-<device>")."""
-    first = providers[0] if providers else "CPUExecutionProvider"
+def concurrent_batches(session: Session) -> int:
+    """How many batches of a model may compute at once: its lanes for a LanedSession,
+    else by where its session runs (its first provider: ONNX Runtime's, or
+    "pytorch-<device>")."""
+    if isinstance(session, LanedSession):
+        return session.lanes
+    first = session.providers[0] if session.providers else "CPUExecutionProvider"
     on_cpu = first in ("CPUExecutionProvider", "pytorch-cpu")
     return MAX_CONCURRENT_BATCHES_CPU if on_cpu else MAX_CONCURRENT_BATCHES_GPU
+
+
+def cpu_lanes(settings: Settings) -> int:
+    """Lanes for an ONNX model on the CPU: `cpu_lanes`, or with 0 one per intra-op
+    thread (`inference_threads`, or with 0 ONNX Runtime's default: the physical cores)."""
+    return settings.cpu_lanes or settings.inference_threads or hardware.physical_cores()
 
 
 def _runtime(runtime: int) -> int:

@@ -12,6 +12,10 @@ Two kinds, one interface (`input`, `outputs`, `run(x) -> {"logits", "embedding"?
 - `TorchSession`: a published PyTorch state dict (`backbones.load_published`) for
   models not exported yet; FP32, under `torch.inference_mode`, on the GPU if there is one.
 
+`LanedSession`: a model on the CPU opened twice, `wide` (every intra-op thread, for a
+lone request) and `narrow` (one thread; its runs go on side by side, one per core:
+the batcher's lanes). `open_onnx_session(..., lanes=N)` opens one when N > 1.
+
 `warm_up(session, max_batch_size)` runs batch 1 and the largest batch once, so the
 first requests do not pay for memory arenas, kernel selection or TensorRT engines.
 
@@ -214,6 +218,29 @@ class TorchSession:
         self._trunk = self._head = None
 
 
+class LanedSession:
+    """One model on the CPU as two ONNX Runtime sessions: `run` on `narrow` (one
+    intra-op thread; `lanes` of its runs go on at once, each on its own core) and
+    `run_wide` on `wide` (the configured intra-op threads, for a batch alone on the
+    machine). Both hold the weights: the model's memory is about twice one session's.
+    See "Lanes" in service.inference.batcher for when each runs."""
+
+    def __init__(self, wide: OnnxSession, narrow: OnnxSession, lanes: int) -> None:
+        self.wide, self.narrow, self.lanes = wide, narrow, lanes
+        self.input, self.outputs, self.providers = wide.input, wide.outputs, wide.providers
+        self.spin_between_runs = wide.spin_between_runs
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return self.narrow.run(x)
+
+    def run_wide(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return self.wide.run(x)
+
+    def close(self) -> None:
+        self.wide.close()
+        self.narrow.close()
+
+
 def load_runtime(variant: str) -> None:
     """Imports the runtime a variant runs on ("pytorch" or an ONNX variant), so that the
     library's own memory (hundreds of MiB for ONNX Runtime's first import) is not
@@ -251,17 +278,24 @@ def batch_one_seconds(session: Session, fill_size: int, runs: int = 3) -> float:
     return best
 
 
-def open_onnx_session(path: os.PathLike | str, *, warm_batch: int, fill_size: int, **options) -> OnnxSession:
+def open_onnx_session(
+    path: os.PathLike | str, *, warm_batch: int, fill_size: int, lanes: int = 1, **options,
+) -> OnnxSession | LanedSession:
     """An OnnxSession (`options` as its constructor takes them) warmed up at batch 1
     and `warm_batch`; on the CPU, one whose batch-1 run is under SPIN_MIN_RUN_SECONDS
-    is reopened with spinning stopped between runs (and warmed up again)."""
+    is reopened with spinning stopped between runs (and warmed up again). On the CPU
+    with `lanes` > 1, a LanedSession: that session as `wide` and a single-threaded,
+    warmed-up one as `narrow`."""
     session = OnnxSession(path, **options)
     warm_up(session, warm_batch, fill_size)
     if session.providers[0] != "CPUExecutionProvider":
         return session
-    if batch_one_seconds(session, fill_size) >= SPIN_MIN_RUN_SECONDS:
+    if batch_one_seconds(session, fill_size) < SPIN_MIN_RUN_SECONDS:
+        session.close()
+        session = OnnxSession(path, spin_between_runs=False, **options)
+        warm_up(session, warm_batch, fill_size)
+    if lanes <= 1:
         return session
-    session.close()
-    session = OnnxSession(path, spin_between_runs=False, **options)
-    warm_up(session, warm_batch, fill_size)
-    return session
+    narrow = OnnxSession(path, **{**options, "threads": 1})
+    warm_up(narrow, warm_batch, fill_size)
+    return LanedSession(session, narrow, lanes)

@@ -260,7 +260,10 @@ def measure(task: VariantTask) -> bytes:
         else:
             from service import hardware
 
-            # Opened as Predict opens it (spinning between runs decided the same way).
+            # Opened as Predict opens it (spinning between runs decided the same way), as
+            # its wide session: the one a lone request runs on, and the one batch at a time
+            # with cpu_lanes 1. With lanes, serving holds a second, single-threaded session
+            # (about twice the memory measured here; see sessions.LanedSession).
             session = sessions.open_onnx_session(
                 task.path, warm_batch=task.batch_size, fill_size=crop,
                 threads=task.threads, max_batch_size=task.max_batch_size,
