@@ -23,6 +23,7 @@ from service import backbones, metrics
 from service.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from service.inference import cache
 from service.inference.service import InferenceService
+from service.inference.sessions import LanedSession
 from service.store.artifacts import ArtifactStore
 from service.store.metadata import MetadataStore
 from service.store.models import ModelStore, model_dir
@@ -221,6 +222,31 @@ def test_concurrent_predictions_are_batched_and_counted(world):
     assert onnx.execution_count < onnx.inference_count  # some ran together
     assert max(onnx.batch_stats) > 1 and max(onnx.batch_stats) <= 8  # max_batch_size
     assert onnx.success.count == 1 + len(datas) and onnx.fail.count == 0
+
+
+def test_with_cpu_lanes_a_lone_request_runs_wide_and_concurrent_ones_in_lanes_with_equal_logits(world):
+    datas = [d for d, _ in world.images]
+
+    async def body(service):
+        single = await service.predict(request(encoded(datas[0]), return_logits=True))
+        model = await service.ensure_loaded("shapes", 1, FLOAT)
+        many = await asyncio.gather(*(service.predict(request(encoded(d), return_logits=True)) for d in datas))
+        return single, many, model
+
+    single, many, model = serve(world, body, cpu_lanes=2, inference_threads=2)
+    assert isinstance(model.session, LanedSession) and model.batcher.max_concurrent_batches == 2
+    assert model.session.wide._session is None  # unloaded with the service: both sessions closed
+    np.testing.assert_allclose(many[0].predictions[0].logits, single.predictions[0].logits, atol=1e-4)
+    for prediction, data in zip(many, datas):
+        np.testing.assert_allclose(prediction.predictions[0].logits, world.reference_logits(data), rtol=1e-3, atol=2e-3)
+
+
+def test_with_cpu_lanes_1_a_cpu_model_has_one_session_and_one_batch_at_a_time(world):
+    async def body(service):
+        return await service.ensure_loaded("shapes", 1, FLOAT)
+
+    model = serve(world, body, cpu_lanes=1, inference_threads=2)
+    assert not isinstance(model.session, LanedSession) and model.batcher.max_concurrent_batches == 1
 
 
 # -- KServe infer ---------------------------------------------------------------------
@@ -424,7 +450,8 @@ def test_a_model_larger_than_the_whole_budget_is_refused_naming_the_setting(worl
 RSS_GROWTH_BOUND_BYTES = 12 * 2**20
 
 
-def test_loading_and_unloading_twenty_times_does_not_grow_resident_memory(world):
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_loading_and_unloading_twenty_times_does_not_grow_resident_memory(world, lanes):
     async def body(service):
         rss = []
         for _ in range(20):
@@ -435,7 +462,7 @@ def test_loading_and_unloading_twenty_times_does_not_grow_resident_memory(world)
             rss.append(cache.resident_bytes())
         return rss, memory
 
-    rss, memory = serve(world, body)
+    rss, memory = serve(world, body, cpu_lanes=lanes)
     growth = min(rss[10:]) - min(rss[:5])
     print(f"model memory {memory / 2**20:.1f} MiB; RSS after each unload (MiB): "
           f"{[round(r / 2**20, 1) for r in rss]}; growth {growth / 2**20:.2f} MiB")
