@@ -233,13 +233,16 @@ def test_lanes_take_waiting_requests_at_once_and_a_request_waits_only_while_ever
     assert model.runs == [("solo", 1), ("narrow", 1), ("narrow", 1), ("narrow", 1)]
 
 
-def test_a_lane_freed_while_another_computes_takes_the_whole_queue(pool):
+def test_a_lane_takes_its_share_of_the_queue_and_leaves_the_rest_for_the_next_lane(pool):
     model = LaneModel()
     release = {1: threading.Event(), 2: threading.Event()}
     started: list[int] = []
 
+    sizes: list[int] = []
+
     def narrow(x):
         started.append(int(x[0, 0]))
+        sizes.append(len(x))
         release[int(x[0, 0])].wait(5) if int(x[0, 0]) in release else None
         return {"double": x * 2}
 
@@ -250,13 +253,15 @@ def test_a_lane_freed_while_another_computes_takes_the_whole_queue(pool):
         await wait_until(lambda: len(started) == 2)
         rest = [asyncio.ensure_future(b.submit(rows(v))) for v in (5, 6, 7)]
         await asyncio.sleep(0.02)
-        release[2].set()  # lane 2 frees while lane 1 still computes: it takes all three
-        await asyncio.wait_for(asyncio.gather(*rest), 2.0)
+        release[2].set()  # lane 2 frees while lane 1 still computes: it takes 2 of the 3 (ceil(3 / 2))
+        await asyncio.wait_for(asyncio.gather(*rest), 2.0)  # then the last one, lane 1 still busy
         release[1].set()
         await asyncio.gather(*both)
+        return sizes
 
-    asyncio.run(main())
-    assert sorted(started[:2]) == [1, 2] and started[2:] == [5]
+    sizes = asyncio.run(main())
+    assert sorted(started[:2]) == [1, 2] and started[2:] == [5, 7]
+    assert sizes[2:] == [2, 1]
     assert model.runs == []  # never solo: the model was never idle with one request
 
 

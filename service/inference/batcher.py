@@ -32,7 +32,10 @@ and `max_concurrent_batches` such runs go on side by side, one per core ("lanes"
 - A lone request on an idle model runs through `solo_fn`, at the latency of all the
   cores, and nothing else launches until it ends.
 - Otherwise batches go to free lanes at once: a free lane is an idle core, so the
-  delay does not apply. Lanes freed together share the queue evenly.
+  delay does not apply. A lane takes its share of what waits, ceil(images / lanes):
+  one that took all of it while the other computed left that one nothing when it
+  freed (resnet18 at concurrency 8 on 2 cores: p99 155 ms against 117, throughput
+  equal within noise).
 
 Single-threaded runs side by side have no barrier between cores, so the server's
 own work (gRPC, parsing, the client on the same machine) delays one run instead of
@@ -243,9 +246,8 @@ class DynamicBatcher:
                 if not self._computing and self._queued == 1:
                     self._launch(self._take(), solo=True)
                     break
-                # Lanes freed together share the queue: ceil(images / free lanes) each.
-                free = self.max_concurrent_batches - self._computing
-                batch = self._take(-(-self._queued_images // free))
+                # Each lane takes its share of the queue, ceil(images / lanes), not all of it.
+                batch = self._take(-(-self._queued_images // self.max_concurrent_batches))
             else:
                 if self._computing and not self._closed and self.max_delay_seconds > 0:
                     wait = self._queue[0].enqueued + self.max_delay_seconds - time.monotonic()
