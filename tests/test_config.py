@@ -35,6 +35,7 @@ def test_flag_beats_environment_which_beats_default(tmp_path):
         (["--job-workers", "0"], "--job-workers: must be a positive integer"),
         (["--max-receive-message-bytes", "lots"], "--max-receive-message-bytes: invalid literal"),
         (["--grace-seconds", "-1"], "--grace-seconds: must be >= 0"),
+        (["--cpu-lanes", "-2"], "--cpu-lanes: must be"),
         (["--log-format", "xml"], "--log-format: must be one of json, text"),
     ],
 )

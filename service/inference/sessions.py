@@ -222,7 +222,8 @@ class LanedSession:
     """One model on the CPU as two ONNX Runtime sessions: `run` on `narrow` (one
     intra-op thread; `lanes` of its runs go on at once, each on its own core) and
     `run_wide` on `wide` (the configured intra-op threads, for a batch alone on the
-    machine). Both hold the weights: the model's memory is about twice one session's.
+    machine). Both hold the weights: the model takes more memory than one session
+    (a small test model 125 MiB against 91 MiB; up to twice for large weights).
     See "Lanes" in service.inference.batcher for when each runs."""
 
     def __init__(self, wide: OnnxSession, narrow: OnnxSession, lanes: int) -> None:
