@@ -244,7 +244,9 @@ class DynamicBatcher:
                 break
             if self._solo_fn is not None:
                 if not self._computing and self._queued == 1:
-                    self._launch(self._take(), solo=True)
+                    batch = self._take()
+                    if batch:
+                        self._launch(batch, solo=True)
                     break
                 # Each lane takes its share of the queue, ceil(images / lanes), not all of it.
                 batch = self._take(-(-self._queued_images // self.max_concurrent_batches))
