@@ -139,7 +139,7 @@ def test_one_batch_computes_at_a_time_on_the_cpu_and_two_on_a_gpu():
 def test_cpu_lanes_default_to_one_per_intra_op_thread(monkeypatch):
     from service import hardware
     from service.config import Settings
-    from service.inference.service import cpu_lanes
+    from service.inference.sessions import cpu_lanes
 
     monkeypatch.setattr(hardware, "physical_cores", lambda: 6)
     assert cpu_lanes(Settings()) == 6  # ONNX Runtime's default threads: the physical cores

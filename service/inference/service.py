@@ -52,6 +52,7 @@ from service.inference.sessions import (
     Session,
     TensorInfo,
     TorchSession,
+    cpu_lanes,
     load_runtime,
     open_onnx_session,
     warm_up,
@@ -593,11 +594,6 @@ def concurrent_batches(session: Session) -> int:
     on_cpu = first in ("CPUExecutionProvider", "pytorch-cpu")
     return MAX_CONCURRENT_BATCHES_CPU if on_cpu else MAX_CONCURRENT_BATCHES_GPU
 
-
-def cpu_lanes(settings: Settings) -> int:
-    """Lanes for an ONNX model on the CPU: `cpu_lanes`, or with 0 one per intra-op
-    thread (`inference_threads`, or with 0 ONNX Runtime's default: the physical cores)."""
-    return settings.cpu_lanes or settings.inference_threads or hardware.physical_cores()
 
 
 def _runtime(runtime: int) -> int:

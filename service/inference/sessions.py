@@ -39,12 +39,15 @@ import os
 import pathlib
 import time
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service import hardware
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 _ORT_DTYPES = {
     "tensor(float)": np.dtype(np.float32),
@@ -240,6 +243,12 @@ class LanedSession:
     def close(self) -> None:
         self.wide.close()
         self.narrow.close()
+
+
+def cpu_lanes(settings: Settings) -> int:
+    """Lanes for an ONNX model on the CPU: `cpu_lanes`, or with 0 one per intra-op
+    thread (`inference_threads`, or with 0 ONNX Runtime's default: the physical cores)."""
+    return settings.cpu_lanes or settings.inference_threads or hardware.physical_cores()
 
 
 def load_runtime(variant: str) -> None:

@@ -7,8 +7,9 @@ warms it up, then measures:
 - batch-1 latency: `iterations` timed calls on one real test image (p50/p95/p99);
 - throughput at `batch_size`: images per second of the median timed batch;
 - peak memory: the most resident memory the process held while loading and
-  running the variant, above what it held before (the runtime library imported);
-  on a GPU, PyTorch's peak device memory instead;
+  running the variant, above what it held before (the runtime library imported),
+  with CPU lanes both sessions Predict holds; on a GPU, PyTorch's peak device
+  memory instead;
 - load time: opening the session and warming it up;
 - test-split top-1 accuracy with this runtime when asked (`measure_accuracy`),
   else the figure stored at training (PyTorch) or export (ONNX) time.
@@ -40,6 +41,7 @@ from collections.abc import Callable
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service.config import Settings
 from service.errors import Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted, TLServeError
+from service.inference.sessions import cpu_lanes
 from service.store.artifacts import ArtifactStore
 from service.store.models import PYTORCH_VARIANT, ModelStore, artifact_variant
 
@@ -73,6 +75,7 @@ class VariantTask:
     # (absolute path, label) of the test images (or validation, when there is no test split).
     samples: tuple[tuple[str, int], ...]
     threads: int
+    lanes: int  # CPU lanes, as Predict loads the model (sessions.cpu_lanes)
     max_batch_size: int
     tensorrt_cache: str
 
@@ -133,7 +136,7 @@ class ProfileService:
                     fp16=artifact.precision == pb.PRECISION_FP16,
                     uint8_nhwc=artifact.input_format == pb.INPUT_FORMAT_UINT8_NHWC,
                     batch_size=batch_size, iterations=iterations, measure_accuracy=request.measure_accuracy,
-                    samples=samples, threads=self._settings.inference_threads,
+                    samples=samples, threads=self._settings.inference_threads, lanes=cpu_lanes(self._settings),
                     max_batch_size=max(batch_size, 1), tensorrt_cache=str(self._settings.home / "cache" / "tensorrt"),
                 )
                 start = time.monotonic()
@@ -260,12 +263,10 @@ def measure(task: VariantTask) -> bytes:
         else:
             from service import hardware
 
-            # Opened as Predict opens it (spinning between runs decided the same way), as
-            # its wide session: the one a lone request runs on, and the one batch at a time
-            # with cpu_lanes 1. With lanes, serving holds a second, single-threaded session
-            # (about twice the memory measured here; see sessions.LanedSession).
+            # Opened as Predict opens it (spinning between runs decided the same way; with
+            # CPU lanes both sessions, so that peak memory is what serving holds).
             session = sessions.open_onnx_session(
-                task.path, warm_batch=task.batch_size, fill_size=crop,
+                task.path, warm_batch=task.batch_size, fill_size=crop, lanes=task.lanes,
                 threads=task.threads, max_batch_size=task.max_batch_size,
                 providers=hardware.onnxruntime_providers(), fp16=task.fp16,
                 sample_shape=(crop, crop, 3) if task.uint8_nhwc else (3, crop, crop),
@@ -274,10 +275,12 @@ def measure(task: VariantTask) -> bytes:
         load_seconds = time.perf_counter() - start
 
         sync = _synchronize(torch_device)
+        # Timed on the session a lone batch runs on: with lanes, the wide one.
+        run = session.run_wide if isinstance(session, sessions.LanedSession) else session.run
         one = images[:1]
-        latency = Latency.of(time_calls(lambda: (session.run(one), sync()), task.iterations, WARMUP_CALLS))
+        latency = Latency.of(time_calls(lambda: (run(one), sync()), task.iterations, WARMUP_CALLS))
         batch = np.resize(images, (task.batch_size, *images.shape[1:])) if len(images) else images
-        batch_seconds = time_calls(lambda: (session.run(batch), sync()), THROUGHPUT_BATCHES, warmup=1)
+        batch_seconds = time_calls(lambda: (run(batch), sync()), THROUGHPUT_BATCHES, warmup=1)
     throughput = task.batch_size / sorted(batch_seconds)[len(batch_seconds) // 2]
 
     device = "cpu"
@@ -299,7 +302,7 @@ def measure(task: VariantTask) -> bytes:
         for start in range(0, len(task.samples), ACCURACY_BATCH_SIZE):
             chunk = task.samples[start:start + ACCURACY_BATCH_SIZE]
             inputs = _load(chunk, preprocessing, task.uint8_nhwc)
-            logits = session.run(inputs)["logits"]
+            logits = run(inputs)["logits"]
             correct += int((logits.argmax(1) == np.array([label for _, label in chunk])).sum())
         profile.accuracy_measured = True
         profile.test_image_count = len(task.samples)
