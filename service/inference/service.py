@@ -595,7 +595,6 @@ def concurrent_batches(session: Session) -> int:
     return MAX_CONCURRENT_BATCHES_CPU if on_cpu else MAX_CONCURRENT_BATCHES_GPU
 
 
-
 def _runtime(runtime: int) -> int:
     if runtime not in (pb.RUNTIME_UNSPECIFIED, pb.RUNTIME_ONNX, pb.RUNTIME_PYTORCH):
         raise InvalidArgument(f"runtime {runtime} is not a Runtime value (ONNX or PYTORCH)")
