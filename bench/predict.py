@@ -50,6 +50,7 @@ import dataclasses
 import datetime
 import io
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -566,13 +567,25 @@ def machine() -> dict[str, str]:
     import onnxruntime
     import torch
 
+    from service.inference.sessions import cpu_lanes
     from service.training.data import available_cpus
 
     return {
         "cpu": common.cpu_name(), "cores": str(available_cpus()), "torch": torch.__version__,
         "torch threads": str(torch.get_num_threads()), "onnxruntime": onnxruntime.__version__,
         "python": platform.python_version(),
+        "server cpu lanes": str(cpu_lanes(server_defaults())),
     }
+
+
+def server_defaults():
+    """The settings the benchmark's servers start with: defaults, TLSERVE_* in the
+    environment applied (read without preparing a home)."""
+    from service.config import Settings
+
+    parser = argparse.ArgumentParser()
+    Settings.add_arguments(parser)
+    return Settings.from_namespace(parser.parse_args([]), os.environ)
 
 
 def main(args: argparse.Namespace) -> int:
