@@ -110,8 +110,9 @@ class Settings:
         _non_negative_int,
     )
     cpu_lanes: int = _setting(
-        0, "batches of one model on the CPU that run at once, each on one core, under load; a lone request runs "
-        "on every intra-op thread (0: one per intra-op thread; 1: off, one batch at a time on every thread)",
+        0, "batches of one model on the CPU that run at once, each on one core, under load; fewer requests than "
+        "lanes run together on every intra-op thread (0: one per intra-op thread; 1: off, one batch at a time on "
+        "every thread)",
         _non_negative_int,
     )
     model_cache_bytes: int = _setting(

@@ -209,6 +209,21 @@ def test_a_lone_request_on_an_idle_model_runs_on_every_core_and_alone(pool):
     assert sorted(model.runs[1:]) == [("narrow", 1), ("narrow", 2)]
 
 
+def test_on_an_idle_model_fewer_requests_than_lanes_run_wide_together_and_more_fill_the_lanes(pool):
+    model = LaneModel()
+    model.gates["solo"].set()
+    model.gates["narrow"].set()
+
+    async def main():
+        b = laned_batcher(model, pool, max_concurrent_batches=4)
+        await asyncio.gather(*(b.submit(rows(v)) for v in (1, 2, 3)))  # 3 < 4 lanes: could not fill the cores
+        await asyncio.gather(*(b.submit(rows(v)) for v in range(4, 9)))  # 5 ≥ 4 lanes: one batch per lane
+
+    asyncio.run(main())
+    assert model.runs[0] == ("solo", 3)
+    assert sorted(model.runs[1:]) == [("narrow", 1), ("narrow", 1), ("narrow", 1), ("narrow", 2)]
+
+
 def test_lanes_take_waiting_requests_at_once_and_a_request_waits_only_while_every_lane_computes(pool):
     model = LaneModel()
 

@@ -29,8 +29,9 @@ Lanes (`solo_fn`, for a model on the CPU). `infer_fn` then runs a batch on one c
 and `max_concurrent_batches` such runs go on side by side, one per core ("lanes");
 `solo_fn` runs a batch on every core at once (the multi-threaded session):
 
-- A lone request on an idle model runs through `solo_fn`, at the latency of all the
-  cores, and nothing else launches until it ends.
+- On an idle model, fewer waiting requests than lanes (a lone request, on 2 cores)
+  could not fill every core on their own: they run as one batch through `solo_fn`,
+  at the latency of all the cores, and nothing else launches until it ends.
 - Otherwise batches go to free lanes at once: a free lane is an idle core, so the
   delay does not apply. A lane takes its share of what waits, ceil(images / lanes):
   one that took all of it while the other computed left that one nothing when it
@@ -243,7 +244,7 @@ class DynamicBatcher:
             if not self._queue:
                 break
             if self._solo_fn is not None:
-                if not self._computing and self._queued == 1:
+                if not self._computing and self._queued < self.max_concurrent_batches:
                     batch = self._take()
                     if batch:
                         self._launch(batch, solo=True)

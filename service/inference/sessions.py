@@ -12,9 +12,10 @@ Two kinds, one interface (`input`, `outputs`, `run(x) -> {"logits", "embedding"?
 - `TorchSession`: a published PyTorch state dict (`backbones.load_published`) for
   models not exported yet; FP32, under `torch.inference_mode`, on the GPU if there is one.
 
-`LanedSession`: a model on the CPU opened twice, `wide` (every intra-op thread, for a
-lone request) and `narrow` (one thread; its runs go on side by side, one per core:
-the batcher's lanes). `open_onnx_session(..., lanes=N)` opens one when N > 1.
+`LanedSession`: a model on the CPU opened twice, `wide` (every intra-op thread, for
+a batch alone on the machine) and `narrow` (one thread; its runs go on side by side,
+one per core: the batcher's lanes). `open_onnx_session(..., lanes=N)` opens one when
+N > 1.
 
 `warm_up(session, max_batch_size)` runs batch 1 and the largest batch once, so the
 first requests do not pay for memory arenas, kernel selection or TensorRT engines.
