@@ -567,6 +567,7 @@ def machine() -> dict[str, str]:
     import onnxruntime
     import torch
 
+    from service.config import Settings
     from service.inference.sessions import cpu_lanes
     from service.training.data import available_cpus
 
@@ -574,18 +575,9 @@ def machine() -> dict[str, str]:
         "cpu": common.cpu_name(), "cores": str(available_cpus()), "torch": torch.__version__,
         "torch threads": str(torch.get_num_threads()), "onnxruntime": onnxruntime.__version__,
         "python": platform.python_version(),
-        "server cpu lanes": str(cpu_lanes(server_defaults())),
+        # The servers run with the defaults, TLSERVE_* in the environment applied.
+        "server cpu lanes": str(cpu_lanes(Settings.parse([], os.environ))),
     }
-
-
-def server_defaults():
-    """The settings the benchmark's servers start with: defaults, TLSERVE_* in the
-    environment applied (read without preparing a home)."""
-    from service.config import Settings
-
-    parser = argparse.ArgumentParser()
-    Settings.add_arguments(parser)
-    return Settings.from_namespace(parser.parse_args([]), os.environ)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -188,11 +188,16 @@ class Settings:
         return cls(**values)
 
     @classmethod
-    def load(cls, argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Settings:
-        """Parses flags and environment, then prepares the home directory."""
+    def parse(cls, argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Settings:
+        """Parses flags and environment (nothing is written: see `load`)."""
         parser = argparse.ArgumentParser(prog="tlserve serve", description="Run the tlserve gRPC server.")
         cls.add_arguments(parser)
-        settings = cls.from_namespace(parser.parse_args(list(argv)), os.environ if environ is None else environ)
+        return cls.from_namespace(parser.parse_args(list(argv)), os.environ if environ is None else environ)
+
+    @classmethod
+    def load(cls, argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Settings:
+        """Parses flags and environment, then prepares the home directory."""
+        settings = cls.parse(argv, environ)
         settings.prepare_home()
         return settings
 

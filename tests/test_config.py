@@ -19,6 +19,12 @@ def test_defaults_put_everything_under_home(tmp_path):
         assert d.is_dir() and d.parent == tmp_path / "h"
 
 
+def test_parse_reads_flags_and_environment_without_writing_the_home(tmp_path):
+    settings = Settings.parse(["--cpu-lanes", "3"], environ={"TLSERVE_HOME": str(tmp_path / "h")})
+    assert (settings.cpu_lanes, settings.home) == (3, tmp_path / "h")
+    assert not (tmp_path / "h").exists()
+
+
 def test_flag_beats_environment_which_beats_default(tmp_path):
     env = {"TLSERVE_HOME": str(tmp_path), "TLSERVE_GRPC_ADDRESS": "0.0.0.0:7000", "TLSERVE_JOB_WORKERS": "3"}
     settings = Settings.load(["--grpc-address", "127.0.0.1:0"], environ=env)
