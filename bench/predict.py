@@ -27,6 +27,9 @@ For each backbone (224 × 224 unless --image-size says otherwise):
    in-process p50 of its round, at concurrency C the ratio is gRPC images/s ÷
    in-process images/s of its round; the figures are medians over rounds, with the
    rounds' quartiles (`*_q1`, `*_q3`: how far this machine's speed moved them).
+   A round counts its steady window, as perf_analyzer does: the load runs a ramp
+   before it and goes on until it has closed (`*_whole_rounds`: counted from the
+   first call to the last answer instead).
    `bench_perf_analyzer`: where Triton's perf_analyzer is installed
    (`scripts/get_perf_analyzer.sh`), it calls the KServe v2 ModelInfer of the same
    server at concurrency 1 and 8, against in-process ONNX Runtime right before and after;
@@ -92,6 +95,7 @@ class Settings:
     rounds: int = 4  # in-process ORT against PyTorch: alternating rounds
     load_seconds: float = 10.0  # per gRPC measurement (all its rounds), after a warm-up
     warmup_seconds: float = 1.0
+    min_ramp_seconds: float = 0.25  # each gRPC round's unrecorded start: at least this (`paired_load`)
     paired_rounds: int = 8  # gRPC rounds, each next to an in-process one: short, so drift cancels
     paired_inprocess_seconds: float = 0.6  # the in-process side of each gRPC round
 
@@ -322,16 +326,24 @@ async def _load_rounds(address: str, request: bytes, commands) -> None:
         # Serialised once: the client's own CPU cost stays out of the server's figures.
         predict = channel.unary_unary(PREDICT, request_serializer=None, response_deserializer=pb.PredictResponse.FromString)
         for command in commands:
-            result = await _load(predict, request, command["concurrency"], command["seconds"], command["warmup"])
+            result = await _load(predict, request, command["concurrency"], command["seconds"], command["warmup"],
+                                 command.get("ramp", 0.0))
             print(json.dumps(result), flush=True)
 
 
-async def _load(predict, request: bytes, concurrency: int, seconds: float, warmup: float) -> dict:
+async def _load(predict, request: bytes, concurrency: int, seconds: float, warmup: float, ramp: float = 0.0) -> dict:
+    """`concurrency` callers, each with one call in flight, for `warmup` seconds
+    (unrecorded), then `ramp` + `seconds` more. Recorded: every call that ends after the
+    warm-up (`latencies_ms`, `ends_s` from the recorded start); `wall_s` runs from that
+    start until the last call ends (the drain included). The window [ramp, ramp +
+    seconds) is the steady part: load continues across both of its edges."""
     import grpc
 
     latencies: list[float] = []
+    ends: list[float] = []
     errors: dict[str, int] = {}
     recording = False
+    start = 0.0
 
     async def caller(stop_at: float) -> None:
         while time.perf_counter() < stop_at:
@@ -342,16 +354,18 @@ async def _load(predict, request: bytes, concurrency: int, seconds: float, warmu
                 errors[e.code().name] = errors.get(e.code().name, 0) + 1
                 continue
             if recording:
-                latencies.append(time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                latencies.append(t1 - t0)
+                ends.append(t1 - start)
 
     if warmup > 0:
         await asyncio.gather(*(caller(time.perf_counter() + warmup) for _ in range(concurrency)))
     recording = True
     start = time.perf_counter()
-    await asyncio.gather(*(caller(start + seconds) for _ in range(concurrency)))
+    await asyncio.gather(*(caller(start + ramp + seconds) for _ in range(concurrency)))
     wall = time.perf_counter() - start
-    return {"concurrency": concurrency, "wall_s": wall, "errors": errors,
-            "latencies_ms": [round(t * 1e3, 3) for t in latencies]}
+    return {"concurrency": concurrency, "wall_s": wall, "errors": errors, "ramp_s": ramp, "window_s": seconds,
+            "latencies_ms": [round(t * 1e3, 3) for t in latencies], "ends_s": [round(t, 5) for t in ends]}
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -373,8 +387,8 @@ class LoadClient:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
 
-    def run(self, concurrency: int, seconds: float, warmup: float = 0.0) -> dict:
-        command = {"concurrency": concurrency, "seconds": seconds, "warmup": warmup}
+    def run(self, concurrency: int, seconds: float, warmup: float = 0.0, ramp: float = 0.0) -> dict:
+        command = {"concurrency": concurrency, "seconds": seconds, "warmup": warmup, "ramp": ramp}
         self._proc.stdin.write(json.dumps(command) + "\n")
         self._proc.stdin.flush()
         line = self._proc.stdout.readline()
@@ -420,42 +434,58 @@ def paired_load(client: LoadClient, reference: InProcess, concurrency: int, batc
     drifts over seconds here (shared cores), and the two sides of a round see the same
     machine. Per round: gRPC p50 minus in-process p50, and gRPC images/s ÷ in-process
     images/s; the figures are the medians over rounds, with their quartiles (`*_iqr`)
-    to say how far the rounds spread."""
+    to say how far the rounds spread.
+
+    Steady state, as perf_analyzer measures: each round's load starts, runs a ramp
+    (twice the steady latency, concurrency ÷ in-process throughput, at least
+    `min_ramp_seconds`: the first burst of calls queues and the batches settle), then
+    the round's window, and goes on until the window has closed; images/s counts the
+    calls that end inside the window, and the latencies are theirs. Counted from a
+    round's first call to its last answer instead (`ratio_whole`), a round also holds
+    its ramp and its drain, when the last calls finish with nothing behind them and the
+    cores run out of work: at concurrency 8 (p50 ~150 ms) ~10 % of a 1.25-s round, a
+    cost of stopping the benchmark's load that a steadily loaded server does not pay."""
     client.run(concurrency, 0.0, warmup=settings.warmup_seconds)
-    per_round = settings.load_seconds / settings.paired_rounds
+    first_ref = reference.run(batch, settings.paired_inprocess_seconds)
+    # Steady latency at this concurrency is about concurrency ÷ in-process throughput.
+    ramp = max(settings.min_ramp_seconds, 2 * concurrency * statistics.median(first_ref) / batch)
+    window = settings.load_seconds / settings.paired_rounds
     latencies: list[float] = []
     errors: dict[str, int] = {}
-    calls, wall = 0, 0.0
+    calls = 0
     added_ms: list[float] = []
     ratios: list[float] = []
+    ratios_whole: list[float] = []
     reference_times: list[float] = []
     for r in range(settings.paired_rounds):
         first = r % 2 == 0
-        ref = reference.run(batch, settings.paired_inprocess_seconds) if first else None
-        got = client.run(concurrency, per_round)
+        ref = (first_ref if r == 0 else reference.run(batch, settings.paired_inprocess_seconds)) if first else None
+        got = client.run(concurrency, window, ramp=ramp)
         if not first:
             ref = reference.run(batch, settings.paired_inprocess_seconds)
-        lat = sorted(got["latencies_ms"])
         for code, n in got["errors"].items():
             errors[code] = errors.get(code, 0) + n
         reference_times.extend(ref)
+        lat = sorted(ms for ms, end in zip(got["latencies_ms"], got["ends_s"]) if ramp <= end < ramp + window)
         if not lat:  # every call failed: counted in `errors`
             continue
         ref_p50 = statistics.median(ref)
         added_ms.append(statistics.median(lat) - ref_p50 * 1e3)
-        ratios.append((len(lat) / got["wall_s"]) / (batch / ref_p50))
+        ratios.append((len(lat) / window) / (batch / ref_p50))
+        ratios_whole.append((len(got["latencies_ms"]) / got["wall_s"]) / (batch / ref_p50))
         latencies.extend(lat)
         calls += len(lat)
-        wall += got["wall_s"]
     latencies.sort()
+    measured = window * len(ratios)
     return {
-        "concurrency": concurrency, "calls": calls, "errors": errors,
-        "images_per_second": calls / wall if wall else 0.0,
+        "concurrency": concurrency, "calls": calls, "errors": errors, "ramp_s": ramp,
+        "images_per_second": calls / measured if measured else 0.0,
         "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
         "inprocess_batch": batch, "inprocess_p50_ms": statistics.median(reference_times) * 1e3,
         "inprocess_images_per_second": batch / statistics.median(reference_times),
         "added_ms": statistics.median(added_ms) if added_ms else float("nan"),
         "ratio": statistics.median(ratios) if ratios else 0.0,
+        "ratio_whole": statistics.median(ratios_whole) if ratios_whole else 0.0,
         "added_ms_iqr": quartiles(added_ms),
         "ratio_iqr": quartiles(ratios),
     }
@@ -558,6 +588,7 @@ def headline_figures(inprocess: dict, on: dict, off: dict) -> dict[str, float]:
         "p99_ms_c8": on[("tensor", 8)]["p99_ms"],
         "grpc_vs_inprocess_ratio_c8_q1": on[("tensor", 8)]["ratio_iqr"][0],
         "grpc_vs_inprocess_ratio_c8_q3": on[("tensor", 8)]["ratio_iqr"][1],
+        "grpc_vs_inprocess_ratio_c8_whole_rounds": on[("tensor", 8)]["ratio_whole"],
         "grpc_overhead_ms_c1_q1": on[("tensor", 1)]["added_ms_iqr"][0],
         "grpc_overhead_ms_c1_q3": on[("tensor", 1)]["added_ms_iqr"][1],
     }
@@ -654,11 +685,14 @@ def main(args: argparse.Namespace) -> int:
                 for (kind, c), r in runs.items():
                     rows.append([kind, label, c, r["images_per_second"], r["p50_ms"], r["p99_ms"],
                                  r["inprocess_images_per_second"], r["inprocess_p50_ms"], r["ratio"],
-                                 spread(r["ratio_iqr"]), r["added_ms"], spread(r["added_ms_iqr"]),
-                                 sum(r["errors"].values())])
+                                 spread(r["ratio_iqr"]), r["ratio_whole"], r["added_ms"], spread(r["added_ms_iqr"]),
+                                 r["ramp_s"], sum(r["errors"].values())])
             say(table(["input", "batching", "concurrency", "img/s", "p50 ms", "p99 ms", "in-process img/s",
                        "in-process p50 ms", "÷ in-process (median of rounds)", "its quartiles",
-                       "p50 added ms (median of rounds)", "its quartiles", "errors"], rows))
+                       "÷ in-process, whole rounds", "p50 added ms (median of rounds)", "its quartiles",
+                       "ramp s", "errors"], rows))
+            say("(steady windows of each round, load running across both edges; \"whole rounds\" counts from a "
+                "round's first call to its last answer, its ramp and drain included)")
             if perf is None:
                 say(f"\nperf_analyzer: not found at {args.perf_analyzer} (scripts/get_perf_analyzer.sh fetches it); skipped")
             else:
