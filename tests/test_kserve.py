@@ -24,7 +24,7 @@ import pytest
 import client as tlclient
 from client.tlserve.v1 import tlserve_pb2 as pb
 from tests.modelfactory import published_model
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, serving
 from tests.test_kserve_unit import tritonclient_grpc
 
 tc = tritonclient_grpc()
@@ -257,3 +257,34 @@ def test_perf_analyzer_drives_the_server_unchanged(exported_server, tmp_path):
         assert row["Inferences/Second"] > 0
         assert row["Server Compute Infer"] > 0  # microseconds, from ModelStatistics
         assert row["p50 latency"] >= row["Server Compute Infer"]
+
+
+def test_the_protocol_follows_exports_and_deletes_without_a_restart(tmp_path):
+    """ModelInfer reads model records from Predict's cache: an export published after the
+    model was served is reachable at once, and a deleted model is NOT_FOUND at once."""
+    home = tmp_path / "home"
+    settings, _ = published_model(home)
+    with serving(home, "--data-root", str(settings.data_root)) as server, \
+            tlclient.Client(server.address, timeout=300) as tl:
+        triton = tc.InferenceServerClient(server.address)
+        try:
+            tl.export_model("shapes", precision="fp32")
+            x = prepared(2)
+            served = triton.infer("shapes", [fp32_input(x)]).as_numpy("logits")
+            with pytest.raises(InferenceServerException) as e:
+                triton.infer("shapes@fp16", [fp32_input(x)])
+            assert status_of(e) == str(grpc.StatusCode.FAILED_PRECONDITION)
+
+            tl.export_model("shapes", precision="fp16")
+            half = triton.infer("shapes@fp16", [fp32_input(x)]).as_numpy("logits")
+            assert half.shape == served.shape
+            assert np.abs(half - served).max() < 0.05 * max(1.0, np.abs(served).max())
+
+            tl.delete_model("shapes", version=1)
+            for name in ("shapes", "shapes@fp16"):
+                with pytest.raises(InferenceServerException) as e:
+                    triton.infer(name, [fp32_input(x)])
+                assert status_of(e) == str(grpc.StatusCode.NOT_FOUND), name
+            assert not triton.is_model_ready("shapes")
+        finally:
+            triton.close()

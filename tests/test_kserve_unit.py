@@ -91,6 +91,12 @@ class FakeInference:
         self.loaded: set[tuple[str, int, str]] = set()
         self.calls: list[tuple] = []
         self.stats = list(stats)
+        self.models: FakeModels | None = None  # the store the service reads records from
+        self.refreshes = 0
+
+    async def model(self, name, version=0, *, refresh=False):
+        self.refreshes += refresh
+        return self.models.get(name, version)
 
     def choose_variant(self, model, runtime, precision, layout=None):
         """As the service chooses: the float NCHW export, else the uint8 NHWC one, or `layout` only."""
@@ -139,8 +145,10 @@ def servicer(inference=None, models=None, ready=True) -> kserve.KServeServicer:
         shapes_model(1, artifact(1)),
         shapes_model(2, artifact(2), artifact(2, pb.PRECISION_INT8), artifact(2, pytorch=True)),
     )
+    inference = inference or FakeInference()
+    inference.models = models
     return kserve.KServeServicer(
-        inference or FakeInference(), models, server_name="tlserve", server_version="9.9",
+        inference, models, server_name="tlserve", server_version="9.9",
         is_ready=lambda: ready, max_batch_size=4, batch_delay_seconds=0.002,
     )
 
@@ -504,6 +512,25 @@ def test_model_ready_loads_a_model_and_is_false_for_missing_ones():
     assert not run(s.ModelReady(kpb.ModelReadyRequest(name="nothing"), None)).ready
     with pytest.raises(InvalidArgument, match="version"):
         run(s.ModelReady(kpb.ModelReadyRequest(name="shapes", version="v1"), None))
+
+
+def test_a_cached_record_without_the_variant_asked_for_is_read_again_once():
+    # The service's record of v2 predates its FP16 export (published by another replica,
+    # say): the servicer asks for a fresh one before refusing.
+    stale = shapes_model(2, artifact(2))
+    fresh = shapes_model(2, artifact(2), artifact(2, pb.PRECISION_FP16))
+
+    class Cached(FakeInference):
+        async def model(self, name, version=0, *, refresh=False):
+            self.refreshes += refresh
+            return fresh if refresh else stale
+
+    inference = Cached()
+    s = servicer(inference)
+    assert run(s.ModelReady(kpb.ModelReadyRequest(name="shapes@fp16"), None)).ready
+    assert inference.loaded == {("shapes", 2, "onnx-fp16-float_nchw")} and inference.refreshes == 1
+    assert not run(s.ModelReady(kpb.ModelReadyRequest(name="shapes@int8"), None)).ready  # in neither record
+    assert inference.refreshes == 2
 
 
 def test_model_metadata_lists_the_versions_that_have_the_variant():

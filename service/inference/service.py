@@ -234,6 +234,14 @@ class InferenceService:
         bound.observe_predict(len(request.images), time.perf_counter() - start)
         return response
 
+    async def model(self, name: str, version: int = 0, *, refresh: bool = False) -> pb.Model:
+        """The record Predict serves `name` at `version` (0: the latest) from, from the same
+        cache: a loaded model is answered without asking the store, "latest" is asked again
+        after LATEST_TTL_SECONDS, and `evict` (a delete, an export) forgets it. NotFound
+        for an unknown model or version."""
+        name, version = await self._resolve(pb.ModelRef(name=name, version=version))
+        return (await self._record(name, version, refresh=refresh)).model
+
     def choose_variant(self, model: pb.Model, runtime: int, precision: int, layout: str | None = None) -> str:
         """The artifact variant that serves `runtime` at `precision` (0 = ONNX, FP32):
         ONNX prefers the float NCHW graph, else the uint8 NHWC one; `layout`
