@@ -35,11 +35,11 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def exported_server(tmp_path_factory):
-    """A server whose model "shapes" v1 has an FP32 ONNX export with the embedding, and one
-    taking uint8 NHWC pixels."""
+    """A server (two CPU lanes) whose model "shapes" v1 has an FP32 ONNX export with the
+    embedding, and one taking uint8 NHWC pixels."""
     home = tmp_path_factory.mktemp("kserve") / "home"
     settings, _ = published_model(home)
-    server = ServerProcess(home, "--data-root", str(settings.data_root)).start()
+    server = ServerProcess(home, "--data-root", str(settings.data_root), "--cpu-lanes", "2").start()
     try:
         with tlclient.Client(server.address, timeout=300) as tl:
             tl.export_model("shapes", precision="fp32", include_embedding=True)
@@ -109,6 +109,10 @@ def test_model_metadata_and_config_describe_the_fp32_export(triton):
         {"name": "input", "data_type": "TYPE_FP32", "format": "FORMAT_NCHW", "dims": ["3", str(SIZE), str(SIZE)]}
     ]
     assert "dynamic_batching" in config
+
+    triton.infer("shapes", [fp32_input(prepared(1))])  # loaded: where it runs is known now
+    config = triton.get_model_config("shapes", as_json=True)["config"]
+    assert config["instance_group"] == [{"name": "shapes_0", "kind": "KIND_CPU", "count": 2}]
 
 
 def test_infer_agrees_with_tlserves_own_predict(triton, tl):

@@ -15,6 +15,7 @@ import importlib
 import struct
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
@@ -113,6 +114,14 @@ class FakeInference:
 
     def is_ready(self, name, version, variant):
         return (name, version, variant) in self.loaded
+
+    def loaded_model(self, name, version, variant):
+        """Loaded variants run on the CPU, two lanes."""
+        if (name, version, variant) not in self.loaded:
+            return None
+        return types.SimpleNamespace(
+            providers=("CPUExecutionProvider",), batcher=types.SimpleNamespace(max_concurrent_batches=2)
+        )
 
     async def ensure_loaded(self, name, version, variant):
         self.loaded.add((name, version, variant))
@@ -355,6 +364,25 @@ def test_bytes_tensors_are_length_prefixed():
 
 
 # --- configuration and metadata ----------------------------------------------------------
+
+
+def test_instance_groups_say_where_a_loaded_variant_runs_and_how_many_batches_at_once():
+    cpu = kserve.instance_group("shapes", ("CPUExecutionProvider",), 2)
+    assert (cpu.name, cpu.kind, cpu.count, list(cpu.gpus)) == ("shapes_0", kpb.ModelInstanceGroup.KIND_CPU, 2, [])
+    for providers in (("TensorrtExecutionProvider", "CUDAExecutionProvider"), ("pytorch-cuda",)):
+        gpu = kserve.instance_group("shapes@fp16", providers, 2)
+        assert (gpu.kind, gpu.count, list(gpu.gpus)) == (kpb.ModelInstanceGroup.KIND_GPU, 2, [0])
+    assert kserve.instance_group("shapes@pytorch", ("pytorch-cpu",), 1).kind == kpb.ModelInstanceGroup.KIND_CPU
+
+
+def test_model_config_has_an_instance_group_once_the_variant_is_loaded():
+    inference = FakeInference()
+    s = servicer(inference)
+    assert not run(s.ModelConfig(kpb.ModelConfigRequest(name="shapes"), None)).config.instance_group
+    run(s.ModelReady(kpb.ModelReadyRequest(name="shapes"), None))  # loads v2's FP32 export
+    (group,) = run(s.ModelConfig(kpb.ModelConfigRequest(name="shapes"), None)).config.instance_group
+    assert (group.kind, group.count) == (kpb.ModelInstanceGroup.KIND_CPU, 2)
+    assert not run(s.ModelConfig(kpb.ModelConfigRequest(name="shapes", version="1"), None)).config.instance_group
 
 
 def test_model_config_follows_triton_conventions():

@@ -303,10 +303,24 @@ def model_metadata(name: str, versions: Sequence[int], artifact: pb.ModelArtifac
     )
 
 
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "pytorch-cuda")
+
+
+def instance_group(name: str, providers: Sequence[str], count: int) -> kpb.ModelInstanceGroup:
+    """A loaded variant as Triton's instance group: `count` batches at once (CPU lanes,
+    or the batches a GPU pipelines) on the device its first provider runs on."""
+    if providers and providers[0] in GPU_PROVIDERS:  # sessions.provider_options: device 0
+        return kpb.ModelInstanceGroup(name=f"{name}_0", kind=kpb.ModelInstanceGroup.KIND_GPU, count=count, gpus=[0])
+    return kpb.ModelInstanceGroup(name=f"{name}_0", kind=kpb.ModelInstanceGroup.KIND_CPU, count=count)
+
+
 def model_config(
-    name: str, artifact: pb.ModelArtifact, max_batch_size: int, batch_delay_seconds: float = 0.0
+    name: str, artifact: pb.ModelArtifact, max_batch_size: int, batch_delay_seconds: float = 0.0,
+    instances: kpb.ModelInstanceGroup | None = None,
 ) -> kpb.ModelConfig:
-    """Triton's view of one variant; dims leave out the batch axis (Triton's convention when max_batch_size > 0)."""
+    """Triton's view of one variant; dims leave out the batch axis (Triton's convention when
+    max_batch_size > 0); `instances`, where the variant is loaded (where it would run is
+    known only then)."""
     platform, backend = _platform(artifact)
     nhwc = artifact.input_format == pb.INPUT_FORMAT_UINT8_NHWC
     input_format = kpb.ModelInput.FORMAT_NHWC if nhwc else kpb.ModelInput.FORMAT_NCHW
@@ -325,6 +339,7 @@ def model_config(
             max_queue_delay_microseconds=round(batch_delay_seconds * 1e6), preserve_ordering=True
         ),
         model_transaction_policy=kpb.ModelTransactionPolicy(decoupled=False),
+        instance_group=[instances] if instances is not None else [],
     )
 
 
@@ -502,7 +517,13 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelConfig(self, request: kpb.ModelConfigRequest, context) -> kpb.ModelConfigResponse:
         target = await self._resolve(parse_model(request.name, request.version, FIELDS))
-        config = model_config(request.name, target.artifact, self._max_batch_size, self._batch_delay_seconds)
+        loaded = self._inference.loaded_model(*target.key)
+        instances = None if loaded is None else instance_group(
+            request.name, loaded.providers, loaded.batcher.max_concurrent_batches
+        )
+        config = model_config(
+            request.name, target.artifact, self._max_batch_size, self._batch_delay_seconds, instances
+        )
         return kpb.ModelConfigResponse(config=config)
 
     async def ModelStatistics(self, request: kpb.ModelStatisticsRequest, context) -> kpb.ModelStatisticsResponse:

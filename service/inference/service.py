@@ -316,8 +316,12 @@ class InferenceService:
         return await asyncio.shield(task)
 
     def is_ready(self, name: str, version: int, variant: str) -> bool:
+        return self.loaded_model(name, version, variant) is not None
+
+    def loaded_model(self, name: str, version: int, variant: str) -> LoadedModel | None:
+        """The variant if it is loaded and serving, without counting as a use (the cache's order stays)."""
         model = self._cache.peek((name, version, variant))
-        return model is not None and model.ready and not model.retired
+        return model if model is not None and model.ready and not model.retired else None
 
     def loaded(self) -> list[LoadedModel]:
         """The models loaded now, least recently used first."""
