@@ -22,7 +22,7 @@ from client.tlserve.v1 import tlserve_pb2 as pb
 from service import backbones, metrics
 from service.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from service.inference import cache
-from service.inference.service import InferenceService
+from service.inference.service import InferenceService, _ModelRecord
 from service.inference.sessions import LanedSession
 from service.store.artifacts import ArtifactStore
 from service.store.metadata import MetadataStore
@@ -352,6 +352,26 @@ def test_choose_variant_prefers_float_nchw_then_uint8_nhwc_unless_a_layout_is_na
         svc.choose_variant(torch_only, 0, 0)
     assert svc.choose_variant(torch_only, pb.RUNTIME_PYTORCH, 0) == "pytorch"
     asyncio.run(svc.close())
+
+
+def test_target_resolves_from_the_cached_record_and_reads_it_again_for_a_variant_it_lacks(world):
+    async def body(service):
+        model, variant = await service.target("shapes", 0, pb.RUNTIME_ONNX, pb.PRECISION_FP32)
+        assert (model.name, model.version, variant) == ("shapes", world.model.version, "onnx-fp32-float_nchw")
+        # A record read before the uint8 NHWC export was published (by another replica, say).
+        key = ("shapes", world.model.version)
+        stale = [a for a in world.model.artifacts if a.input_format != pb.INPUT_FORMAT_UINT8_NHWC]
+        service._records[key] = _ModelRecord(pb.Model(name="shapes", version=key[1], artifacts=stale), {})
+        _, variant = await service.target("shapes", key[1], pb.RUNTIME_ONNX, pb.PRECISION_FP32, "uint8_nhwc")
+        assert variant == "onnx-fp32-uint8_nhwc"
+        stored = world.models.get("shapes", key[1]).artifacts
+        assert len(service._records[key].model.artifacts) == len(stored) > len(stale)  # read again
+        with pytest.raises(FailedPrecondition, match="int8"):  # in neither record
+            await service.target("shapes", key[1], pb.RUNTIME_ONNX, pb.PRECISION_INT8)
+        with pytest.raises(NotFound):
+            await service.target("no-such-model", 0, pb.RUNTIME_ONNX, pb.PRECISION_FP32)
+
+    serve(world, body)
 
 
 # -- loading, the cache, unloading ----------------------------------------------------

@@ -93,11 +93,10 @@ class FakeInference:
         self.calls: list[tuple] = []
         self.stats = list(stats)
         self.models: FakeModels | None = None  # the store the service reads records from
-        self.refreshes = 0
 
-    async def model(self, name, version=0, *, refresh=False):
-        self.refreshes += refresh
-        return self.models.get(name, version)
+    async def target(self, name, version, runtime, precision, layout=None):
+        model = self.models.get(name, version)
+        return model, self.choose_variant(model, runtime, precision, layout)
 
     def choose_variant(self, model, runtime, precision, layout=None):
         """As the service chooses: the float NCHW export, else the uint8 NHWC one, or `layout` only."""
@@ -540,25 +539,6 @@ def test_model_ready_loads_a_model_and_is_false_for_missing_ones():
     assert not run(s.ModelReady(kpb.ModelReadyRequest(name="nothing"), None)).ready
     with pytest.raises(InvalidArgument, match="version"):
         run(s.ModelReady(kpb.ModelReadyRequest(name="shapes", version="v1"), None))
-
-
-def test_a_cached_record_without_the_variant_asked_for_is_read_again_once():
-    # The service's record of v2 predates its FP16 export (published by another replica,
-    # say): the servicer asks for a fresh one before refusing.
-    stale = shapes_model(2, artifact(2))
-    fresh = shapes_model(2, artifact(2), artifact(2, pb.PRECISION_FP16))
-
-    class Cached(FakeInference):
-        async def model(self, name, version=0, *, refresh=False):
-            self.refreshes += refresh
-            return fresh if refresh else stale
-
-    inference = Cached()
-    s = servicer(inference)
-    assert run(s.ModelReady(kpb.ModelReadyRequest(name="shapes@fp16"), None)).ready
-    assert inference.loaded == {("shapes", 2, "onnx-fp16-float_nchw")} and inference.refreshes == 1
-    assert not run(s.ModelReady(kpb.ModelReadyRequest(name="shapes@int8"), None)).ready  # in neither record
-    assert inference.refreshes == 2
 
 
 def test_model_metadata_lists_the_versions_that_have_the_variant():

@@ -463,13 +463,10 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _resolve(self, selector: ModelSelector) -> Target:
         """NotFound for an unknown model or version; FailedPrecondition for a variant not exported."""
-        # Predict's cache of model records: no store query per call once a model is known.
-        model = await self._inference.model(selector.name, selector.version)
-        try:
-            variant = self._inference.choose_variant(model, selector.runtime, selector.precision, selector.layout)
-        except FailedPrecondition:  # an export may have been published since the record was read
-            model = await self._inference.model(selector.name, selector.version, refresh=True)
-            variant = self._inference.choose_variant(model, selector.runtime, selector.precision, selector.layout)
+        # As Predict resolves: from the service's cache of records, no store query per call.
+        model, variant = await self._inference.target(
+            selector.name, selector.version, selector.runtime, selector.precision, selector.layout
+        )
         return Target(model, variant, find_artifact(model, variant))
 
     # --- health and metadata ------------------------------------------------

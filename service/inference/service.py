@@ -144,7 +144,8 @@ class _ModelRecord:
 
     model: pb.Model
     artifacts: dict[str, tuple[pb.ModelArtifact, str]]  # variant → (artifact, relative path)
-    variants: dict[tuple[int, int], str] = dataclasses.field(default_factory=dict)  # (runtime, precision) → variant
+    # (runtime, precision, layout) → the variant chosen for them
+    variants: dict[tuple[int, int, str | None], str] = dataclasses.field(default_factory=dict)
 
 
 class InferenceService:
@@ -190,16 +191,8 @@ class InferenceService:
                 raise InvalidArgument("images is empty: send at least one image")
             _check_deadline(deadline, "before the request was read")
             name, version = await self._resolve(request.model)
-            record = await self._record(name, version)
             runtime, precision = _runtime(request.runtime), _precision(request.runtime, request.precision)
-            variant = record.variants.get((runtime, precision))
-            if variant is None:
-                try:
-                    variant = self.choose_variant(record.model, runtime, precision)
-                except FailedPrecondition:  # an export may have been published since the record was read
-                    record = await self._record(name, version, refresh=True)
-                    variant = self.choose_variant(record.model, runtime, precision)
-                record.variants[(runtime, precision)] = variant
+            record, variant = await self._variant(name, version, runtime, precision)
             key = (name, version, variant)
             bound = self._bound(key)
             bound.in_flight.inc()  # dec in `finally`
@@ -234,13 +227,17 @@ class InferenceService:
         bound.observe_predict(len(request.images), time.perf_counter() - start)
         return response
 
-    async def model(self, name: str, version: int = 0, *, refresh: bool = False) -> pb.Model:
-        """The record Predict serves `name` at `version` (0: the latest) from, from the same
-        cache: a loaded model is answered without asking the store, "latest" is asked again
-        after LATEST_TTL_SECONDS, and `evict` (a delete, an export) forgets it. NotFound
-        for an unknown model or version."""
+    async def target(
+        self, name: str, version: int, runtime: int, precision: int, layout: str | None = None
+    ) -> tuple[pb.Model, str]:
+        """The model record and the variant that serve `runtime`/`precision`/`layout` (see
+        `choose_variant`), resolved as Predict resolves them: from the cache of records
+        ("latest", version 0, is asked again after LATEST_TTL_SECONDS; `evict`, on a delete
+        or an export, forgets a model). NotFound for an unknown model or version,
+        FailedPrecondition for a variant not exported."""
         name, version = await self._resolve(pb.ModelRef(name=name, version=version))
-        return (await self._record(name, version, refresh=refresh)).model
+        record, variant = await self._variant(name, version, runtime, precision, layout)
+        return record.model, variant
 
     def choose_variant(self, model: pb.Model, runtime: int, precision: int, layout: str | None = None) -> str:
         """The artifact variant that serves `runtime` at `precision` (0 = ONNX, FP32):
@@ -395,6 +392,21 @@ class InferenceService:
         if not ref.version:
             self._latest[name] = (version, time.monotonic())
         return name, version
+
+    async def _variant(
+        self, name: str, version: int, runtime: int, precision: int, layout: str | None = None
+    ) -> tuple[_ModelRecord, str]:
+        record = await self._record(name, version)
+        wanted = (runtime, precision, layout)
+        variant = record.variants.get(wanted)
+        if variant is None:
+            try:
+                variant = self.choose_variant(record.model, runtime, precision, layout)
+            except FailedPrecondition:  # an export may have been published since the record was read
+                record = await self._record(name, version, refresh=True)
+                variant = self.choose_variant(record.model, runtime, precision, layout)
+            record.variants[wanted] = variant
+        return record, variant
 
     async def _record(self, name: str, version: int, refresh: bool = False) -> _ModelRecord:
         record = None if refresh else self._records.get((name, version))
