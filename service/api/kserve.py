@@ -38,6 +38,7 @@ from client.inference import grpc_service_pb2 as kpb
 from client.inference import grpc_service_pb2_grpc
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, TLServeError
+from service.inference.sessions import runs_on_cpu
 from service.store import paging
 from service.store.models import PYTORCH_VARIANT, ModelStore, artifact_variant, onnx_parts
 
@@ -303,15 +304,13 @@ def model_metadata(name: str, versions: Sequence[int], artifact: pb.ModelArtifac
     )
 
 
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "pytorch-cuda")
-
-
 def instance_group(name: str, providers: Sequence[str], count: int) -> kpb.ModelInstanceGroup:
     """A loaded variant as Triton's instance group: `count` batches at once (CPU lanes,
     or the batches a GPU pipelines) on the device its first provider runs on."""
-    if providers and providers[0] in GPU_PROVIDERS:  # sessions.provider_options: device 0
-        return kpb.ModelInstanceGroup(name=f"{name}_0", kind=kpb.ModelInstanceGroup.KIND_GPU, count=count, gpus=[0])
-    return kpb.ModelInstanceGroup(name=f"{name}_0", kind=kpb.ModelInstanceGroup.KIND_CPU, count=count)
+    if runs_on_cpu(providers):
+        return kpb.ModelInstanceGroup(name=f"{name}_0", kind=kpb.ModelInstanceGroup.KIND_CPU, count=count)
+    # sessions.provider_options: device 0
+    return kpb.ModelInstanceGroup(name=f"{name}_0", kind=kpb.ModelInstanceGroup.KIND_GPU, count=count, gpus=[0])
 
 
 def model_config(

@@ -55,6 +55,7 @@ from service.inference.sessions import (
     cpu_lanes,
     load_runtime,
     open_onnx_session,
+    runs_on_cpu,
     warm_up,
 )
 from service.inference.stats import ModelStatistics
@@ -614,9 +615,7 @@ def concurrent_batches(session: Session) -> int:
     "pytorch-<device>")."""
     if isinstance(session, LanedSession):
         return session.lanes
-    first = session.providers[0] if session.providers else "CPUExecutionProvider"
-    on_cpu = first in ("CPUExecutionProvider", "pytorch-cpu")
-    return MAX_CONCURRENT_BATCHES_CPU if on_cpu else MAX_CONCURRENT_BATCHES_GPU
+    return MAX_CONCURRENT_BATCHES_CPU if runs_on_cpu(session.providers) else MAX_CONCURRENT_BATCHES_GPU
 
 
 def _runtime(runtime: int) -> int:

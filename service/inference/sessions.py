@@ -246,6 +246,12 @@ class LanedSession:
         self.narrow.close()
 
 
+def runs_on_cpu(providers: Sequence[str]) -> bool:
+    """Whether a session runs on the CPU, by its first provider (ONNX Runtime's, or
+    "pytorch-<device>"); no providers counts as the CPU."""
+    return not providers or providers[0] in ("CPUExecutionProvider", "pytorch-cpu")
+
+
 def cpu_lanes(settings: Settings) -> int:
     """Lanes for an ONNX model on the CPU: `cpu_lanes`, or with 0 one per intra-op
     thread (`inference_threads`, or with 0 ONNX Runtime's default: the physical cores)."""
