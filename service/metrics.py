@@ -88,9 +88,29 @@ class GrpcMetrics:
             ),
         )
 
-    def observe(self, method: str, code: str, seconds: float) -> None:
-        self.requests.labels(method=method, code=code).inc()
-        self.latency.labels(method=method).observe(seconds)
+    def bind(self, method: str) -> BoundGrpcMetrics:
+        """One method's series, looked up once (the interceptor binds each method once,
+        not on every call)."""
+        return BoundGrpcMetrics(self, method)
+
+
+class BoundGrpcMetrics:
+    """One method's series of a GrpcMetrics: calls in flight, latency, and the call
+    counter per status code (bound on the first call that ends with that code)."""
+
+    def __init__(self, metrics: GrpcMetrics, method: str) -> None:
+        self.method = method
+        self._metrics = metrics
+        self.in_flight = metrics.in_flight.labels(method=method)
+        self._latency = metrics.latency.labels(method=method)
+        self._requests: dict[str, Counter] = {}
+
+    def observe(self, code: str, seconds: float) -> None:
+        counter = self._requests.get(code)
+        if counter is None:
+            counter = self._requests[code] = self._metrics.requests.labels(method=self.method, code=code)
+        counter.inc()
+        self._latency.observe(seconds)
 
 
 GRPC = GrpcMetrics.create()

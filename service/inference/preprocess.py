@@ -151,14 +151,19 @@ class Preprocessor:
         wrong with which image). `collate` normalises these later, in the compute thread."""
         s = self.crop
         size = s * s * 3
+        buffers = []
         for image in images:
             tensor = image.tensor
             if (image.WhichOneof("data") != "tensor" or tensor.dtype != pb.DATA_TYPE_UINT8
-                    or tuple(tensor.shape) != (s, s, 3) or len(tensor.data) != size):
+                    or tuple(tensor.shape) != (s, s, 3)):
                 return None
-        if len(images) == 1:
-            return np.frombuffer(images[0].tensor.data, dtype=np.uint8).reshape(1, s, s, 3)
-        return np.stack([np.frombuffer(image.tensor.data, dtype=np.uint8).reshape(s, s, 3) for image in images])
+            data = tensor.data  # each read of a bytes field is a copy: read it once
+            if len(data) != size:
+                return None
+            buffers.append(data)
+        if len(buffers) == 1:
+            return np.frombuffer(buffers[0], dtype=np.uint8).reshape(1, s, s, 3)
+        return np.stack([np.frombuffer(data, dtype=np.uint8).reshape(s, s, 3) for data in buffers])
 
     def collate(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         """One model input batch from the arrays of several requests, in order: each
