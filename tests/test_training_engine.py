@@ -129,8 +129,11 @@ def test_partial_trains_the_top_group_and_freezes_the_rest_with_their_statistics
         # (cached epochs cost next to nothing).
         (pb.STRATEGY_FEATURE_EXTRACTION, {"lr": 0.03, "epochs": 10}),
         (pb.STRATEGY_PARTIAL, {}),
-        (pb.STRATEGY_FULL, {"lr": 0.003, "optimizer": pb.OPTIMIZER_ADAMW}),
-        (pb.STRATEGY_PROGRESSIVE_UNFREEZING, {"epochs_per_phase": 1}),
+        # From random weights, 3 epochs left FULL and progressive unfreezing one to
+        # three images above the bar (0.54-0.63; once 0.46 in a whole-suite run); with
+        # these epochs they fit 23-24 and 20-21 of the 24 images.
+        (pb.STRATEGY_FULL, {"lr": 0.003, "optimizer": pb.OPTIMIZER_ADAMW, "epochs": 6}),
+        (pb.STRATEGY_PROGRESSIVE_UNFREEZING, {"epochs_per_phase": 1, "epochs": 12}),
         (pb.STRATEGY_PROTOTYPE, {}),
     ],
     ids=lambda v: pb.Strategy.Name(v).removeprefix("STRATEGY_").lower() if isinstance(v, int) else "",
@@ -152,7 +155,9 @@ def test_every_strategy_runs_end_to_end_and_fits_its_training_images(strategy, o
         assert ends[-1].step == ends[-1].total_steps == epochs * 6  # 24 images, batch 4
         assert ends[1].HasField("eta") and all(e.learning_rate >= 0 for e in ends)
     if strategy == pb.STRATEGY_PROGRESSIVE_UNFREEZING:
-        assert [list(e.unfrozen_groups) for e in events.epoch_ends()] == [["head"], ["layer4", "head"], ["layer3", "layer4", "head"]]
+        unfrozen = [list(e.unfrozen_groups) for e in events.epoch_ends()]
+        assert unfrozen[:3] == [["head"], ["layer4", "head"], ["layer3", "layer4", "head"]]
+        assert all(set(before) <= set(after) for before, after in zip(unfrozen, unfrozen[1:]))
         assert pb.JOB_PHASE_CACHING_FEATURES in phases  # phase 1 trains the head on cached features
 
 
