@@ -1,5 +1,5 @@
 """What every benchmark prints the same way: markdown tables, the machine it ran
-on, and the closing `name: value` lines (the required figures first)."""
+on, and the closing `name: value` lines (the required figures last)."""
 
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ def table(headers: list[str], rows: list[list], *, digits: int = 3) -> str:
 
 
 def final_lines(figures: dict[str, float], required: Iterable[str]) -> list[str]:
-    """`name: value` with two decimals, the `required` figures first in their
-    order, then any others in the order they were added."""
+    """`name: value` with two decimals: any other figures in the order they were
+    added, then the `required` ones in their order, so that the output ends with
+    the lines a reader (or a script taking the last lines) looks for."""
     required = list(required)
-    names = [n for n in required if n in figures] + [n for n in figures if n not in required]
+    names = [n for n in figures if n not in required] + [n for n in required if n in figures]
     return [f"{name}: {figures[name]:.2f}" for name in names]
 
 

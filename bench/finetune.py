@@ -577,7 +577,7 @@ def bench_auto(settings: Settings, source: Pretrained, device: torch.device, wor
 
 
 def final_lines(figures: dict[str, float]) -> list[str]:
-    """`name: value`, the required figures first in FIGURES order, then any others."""
+    """`name: value`, any other figures first, then the required ones in FIGURES order."""
     return common.final_lines(figures, FIGURES)
 
 

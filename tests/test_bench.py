@@ -25,16 +25,16 @@ def tiny(tmp_path_factory):
     return finetune.shapes(tmp_path_factory.mktemp("tiny"), TARGET_SHAPES[:2], TINY, train=4, seed=3)
 
 
-def test_final_lines_put_the_required_figures_first_in_order_then_the_others():
+def test_final_lines_end_with_the_required_figures_in_order():
     figures = {"extra": 1.0, "auto_gap_to_best_points": 3.0, "transfer_minus_scratch_accuracy": -2.5,
                "feature_cache_accuracy_delta": 0.0, "feature_cache_speed_ratio": 6.25, "full_finetune_speed_ratio": 1.014}
     assert finetune.final_lines(figures) == [
+        "extra: 1.00",
         "full_finetune_speed_ratio: 1.01",
         "feature_cache_speed_ratio: 6.25",
         "feature_cache_accuracy_delta: 0.00",
         "transfer_minus_scratch_accuracy: -2.50",
         "auto_gap_to_best_points: 3.00",
-        "extra: 1.00",
     ]
 
 
