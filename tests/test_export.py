@@ -15,6 +15,7 @@ import math
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import helper, numpy_helper
 import pytest
 import torch
 from PIL import Image
@@ -237,6 +238,56 @@ def test_a_variant_losing_more_than_max_accuracy_drop_is_refused_and_nothing_is_
     assert sorted(p.name for p in artifacts.path(model_dir("shapes", 1)).iterdir()) == files
 
 
+def stored_state(models: ModelStore, artifacts: ArtifactStore) -> tuple[dict[str, str], list[tuple[str, bytes]]]:
+    """The model's artifact records and its directory's files, to check a refusal changed neither."""
+    records = {artifact_variant(a): a.sha256 for a in models.get("shapes", 1).artifacts}
+    files = sorted((p.name, p.read_bytes()) for p in artifacts.path(model_dir("shapes", 1)).iterdir())
+    return records, files
+
+
+def test_an_export_whose_logits_do_not_match_pytorch_is_refused_and_the_published_one_kept(
+    service, fp32, models, artifacts, monkeypatch
+):
+    # An exporter that gets the graph wrong: +20 on class 0's logit, after the real export.
+    export_onnx = ox.export_onnx
+
+    def wrong_export(*args, **kwargs) -> onnx.ModelProto:
+        graph = export_onnx(*args, **kwargs)
+        producer = next(n for n in graph.graph.node if ox.LOGITS in n.output)
+        producer.output[list(producer.output).index(ox.LOGITS)] = "logits_as_exported"
+        graph.graph.initializer.append(numpy_helper.from_array(np.array([20.0, 0.0, 0.0], np.float32), "skew"))
+        graph.graph.node.append(helper.make_node("Add", ["logits_as_exported", "skew"], [ox.LOGITS]))
+        return graph
+
+    before = stored_state(models, artifacts)
+    monkeypatch.setattr(ox, "export_onnx", wrong_export)
+    with pytest.raises(FailedPrecondition) as e:
+        service.export(pb.ExportModelRequest(model=ref(1), include_embedding=True))
+    message = str(e.value)
+    assert "the ONNX export of shapes:1 fp32 float_nchw does not match PyTorch on" in message
+    assert "max |logit difference| 20 >" in message and "nothing was published" in message
+    assert stored_state(models, artifacts) == before  # the FP32 export published earlier is still served
+
+
+def test_a_graph_with_its_batch_frozen_at_one_is_refused(service, fp32, models, artifacts, monkeypatch):
+    # The exporters' known failure: the batch axis exported as a constant 1.
+    export_onnx = ox.export_onnx
+
+    def frozen_export(*args, **kwargs) -> onnx.ModelProto:
+        graph = export_onnx(*args, **kwargs)
+        graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+        return graph
+
+    before = stored_state(models, artifacts)
+    monkeypatch.setattr(ox, "export_onnx", frozen_export)
+    with pytest.raises(FailedPrecondition) as e:
+        service.export(pb.ExportModelRequest(model=ref(1)))
+    message = str(e.value)
+    assert "does not take a dynamic batch: batch of 7 failed in ONNX Runtime" in message
+    assert "nothing was published" in message
+    assert stored_state(models, artifacts) == before
+
+
 def test_reexporting_a_variant_replaces_it(service, models):
     first = service.export(pb.ExportModelRequest(model=ref(1), precision=pb.PRECISION_FP16))
     second = service.export(pb.ExportModelRequest(model=ref(1), precision=pb.PRECISION_FP16, include_embedding=True))
@@ -266,6 +317,40 @@ def test_parity_limits_are_relative_to_the_logit_scale_and_allow_one_near_tie():
 def test_parity_with_nan_logits_fails():
     reference = np.ones((4, 3))
     assert ox.PARITY_THRESHOLDS["int8"].failures(ox.compare(reference, np.full((4, 3), np.nan)))
+
+
+# -- dynamic batch, pure ---------------------------------------------------------------------
+
+
+def tiny_session(*nodes, output_rows: str = "N") -> ort.InferenceSession:
+    """A graph from `nodes`: input (N, 3) float32 → output "out" (`output_rows`, 3)."""
+    graph = helper.make_graph(
+        list(nodes), "g", [helper.make_tensor_value_info(ox.INPUT, onnx.TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [output_rows, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return ox.ort_session(model.SerializeToString())
+
+
+def test_dynamic_batch_check_passes_a_graph_that_treats_images_independently():
+    images = np.arange(6, dtype=np.float32).reshape(2, 3)
+    ox.check_dynamic_batch(tiny_session(helper.make_node("Relu", [ox.INPUT], ["out"])), images)
+
+
+def test_dynamic_batch_check_refuses_an_output_that_loses_the_batch_axis():
+    images = np.arange(6, dtype=np.float32).reshape(2, 3)
+    pooled = tiny_session(helper.make_node("ReduceMax", [ox.INPUT], ["out"], axes=[0], keepdims=1), output_rows=1)
+    with pytest.raises(ox.DynamicBatchError, match=r"batch of 7 gave output 'out' of shape \[1, 3\]"):
+        ox.check_dynamic_batch(pooled, images)
+
+
+def test_dynamic_batch_check_refuses_images_that_change_with_their_batch():
+    # Each row minus the batch's mean: image 0 alone becomes zeros, among others not.
+    images = np.arange(6, dtype=np.float32).reshape(2, 3)
+    centred = tiny_session(helper.make_node("ReduceMean", [ox.INPUT], ["mean"], axes=[0], keepdims=1),
+                           helper.make_node("Sub", [ox.INPUT, "mean"], ["out"]))
+    with pytest.raises(ox.DynamicBatchError, match="output 'out' of image 0 changed with the batch size"):
+        ox.check_dynamic_batch(centred, images)
 
 
 # -- refusals ----------------------------------------------------------------------------
