@@ -856,6 +856,83 @@ def test_with_lanes_a_cpu_model_opens_a_single_threaded_session_beside_the_wide_
     assert isinstance(plain, sessions.OnnxSession)
 
 
+# -- providers: TensorRT → CUDA → CPU, as available ----------------------------------------
+
+
+ALL_PROVIDERS = ["CPUExecutionProvider", "CUDAExecutionProvider", "AzureExecutionProvider", "TensorrtExecutionProvider"]
+
+
+@pytest.mark.parametrize(
+    ("gpus", "tensorrt_runtime", "expected"),
+    [
+        (0, True, ("CPUExecutionProvider",)),  # onnxruntime-gpu lists CUDA and TensorRT on any machine
+        (1, False, ("CUDAExecutionProvider", "CPUExecutionProvider")),
+        (1, True, ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")),
+    ],
+)
+def test_providers_come_in_order_and_count_only_with_a_gpu_and_tensorrts_runtime(monkeypatch, gpus, tensorrt_runtime,
+                                                                                   expected):
+    import onnxruntime
+
+    from service import hardware
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: list(ALL_PROVIDERS))
+    monkeypatch.setattr(hardware, "gpu_count", lambda: gpus)
+    monkeypatch.setattr(hardware.ctypes.util, "find_library",
+                        lambda name: "libnvinfer.so.10" if tensorrt_runtime and name == "nvinfer" else None)
+    find_spec = hardware.importlib.util.find_spec
+    monkeypatch.setattr(hardware.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorrt_libs" else find_spec(name, *a))
+    hardware.onnxruntime_providers.cache_clear()
+    try:
+        assert hardware.onnxruntime_providers() == expected
+    finally:
+        hardware.onnxruntime_providers.cache_clear()
+
+
+def test_provider_options_give_tensorrt_a_batch_profile_and_an_engine_cache_and_cuda_a_growing_arena(tmp_path):
+    from service.inference.sessions import provider_options
+
+    cache_dir = tmp_path / "cache" / "tensorrt"
+    options = provider_options(("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+                               input_name="input", sample_shape=(3, 224, 224), max_batch_size=32, fp16=True,
+                               cache_dir=cache_dir)
+    assert [name for name, _ in options] == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    tensorrt, cuda, cpu = (o for _, o in options)
+    assert tensorrt["trt_fp16_enable"] == "1"
+    assert (tensorrt["trt_profile_min_shapes"], tensorrt["trt_profile_opt_shapes"], tensorrt["trt_profile_max_shapes"]) == (
+        "input:1x3x224x224", "input:32x3x224x224", "input:32x3x224x224")
+    assert tensorrt["trt_engine_cache_enable"] == "1" and tensorrt["trt_engine_cache_path"] == str(cache_dir)
+    assert cache_dir.is_dir()  # made for TensorRT to write its engines into
+    assert cuda["arena_extend_strategy"] == "kSameAsRequested" and cuda["cudnn_conv_algo_search"] == "HEURISTIC"
+    assert cpu == {}
+    fp32 = dict(provider_options(("TensorrtExecutionProvider",), input_name="x", sample_shape=(224, 224, 3),
+                                 max_batch_size=8, fp16=False, cache_dir=None))["TensorrtExecutionProvider"]
+    assert fp32["trt_fp16_enable"] == "0" and fp32["trt_profile_max_shapes"] == "x:8x224x224x3"
+    assert "trt_engine_cache_enable" not in fp32
+
+
+def test_an_onnx_session_passes_its_threads_and_providers_to_onnx_runtime(tmp_path, monkeypatch):
+    import onnxruntime
+
+    from service.inference import sessions
+
+    _tiny_onnx(tmp_path / "tiny.onnx")
+    made = []
+    real = onnxruntime.InferenceSession
+
+    def recording(path, sess_options=None, providers=None, **kwargs):
+        made.append((sess_options.intra_op_num_threads, providers))
+        return real(path, sess_options=sess_options, providers=["CPUExecutionProvider"], **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording)
+    sessions.OnnxSession(tmp_path / "tiny.onnx", threads=3, providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+    threads, providers = made[0]
+    assert threads == 3
+    assert [name for name, _ in providers] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert providers[0][1]["device_id"] == "0"
+
+
 # -- preprocessing: uint8 pixels normalised in the compute thread ---------------------------
 
 
