@@ -375,16 +375,42 @@ def test_an_array_returning_infer_fn_gives_arrays_back(pool):
     np.testing.assert_array_equal(big, rows(3, 4, 5))
 
 
-def test_an_exception_from_infer_fn_reaches_every_caller_of_the_batch(pool):
+def test_an_exception_from_infer_fn_reaches_every_caller_that_fails_alone_too(pool):
     model = FakeModel(fail=RuntimeError("the model broke"))
+    stats = ModelStatistics("m", 1, "onnx")
 
     async def main():
-        b = batcher_for(model, pool)
+        b = batcher_for(model, pool, stats=stats)
         return await asyncio.gather(b.submit(rows(1)), b.submit(rows(2)), return_exceptions=True)
 
     results = asyncio.run(main())
     assert [str(r) for r in results] == ["the model broke"] * 2
-    assert model.sizes == [2]
+    assert model.sizes == [2, 1, 1]  # together, then each alone
+    assert (stats.fail.count, stats.success.count, stats.execution_count) == (2, 0, 0)
+
+
+def test_a_request_that_breaks_the_model_fails_alone_and_the_rest_of_its_batch_is_answered(pool):
+    class Poisoned(FakeModel):
+        def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+            if (x == 99).any():
+                self.batches.append(x.copy())
+                raise ValueError("row 99 breaks this model")
+            return super().__call__(x)
+
+    model = Poisoned()
+    stats = ModelStatistics("m", 1, "onnx")
+
+    async def main():
+        b = batcher_for(model, pool, stats=stats)
+        return await asyncio.gather(b.submit(rows(1)), b.submit(rows(99, 5)), b.submit(rows(2, 3)),
+                                    return_exceptions=True)
+
+    first, poisoned, last = asyncio.run(main())
+    assert model.sizes == [5, 1, 2, 2]  # one batch, then each request alone
+    np.testing.assert_array_equal(first["double"], rows(2))
+    assert isinstance(poisoned, ValueError) and "row 99" in str(poisoned)
+    np.testing.assert_array_equal(last["double"], rows(4, 6))
+    assert (stats.success.count, stats.fail.count, stats.inference_count) == (2, 1, 3)
 
 
 def test_outputs_with_the_wrong_number_of_rows_fail_the_batch(pool):
@@ -394,9 +420,11 @@ def test_outputs_with_the_wrong_number_of_rows_fail_the_batch(pool):
         b = batcher_for(model, pool, name="model m:1")
         return await asyncio.gather(b.submit(rows(1, 2)), b.submit(rows(3)), return_exceptions=True)
 
-    for result in asyncio.run(main()):
-        assert isinstance(result, RuntimeError)
-        assert "model m:1: infer_fn returned output 'double' with shape (2, 2) for a batch of 3" in str(result)
+    wide, narrow = asyncio.run(main())
+    assert model.sizes == [3, 2, 1]
+    assert isinstance(wide, RuntimeError) and isinstance(narrow, RuntimeError)
+    assert "model m:1: infer_fn returned output 'double' with shape (1, 2) for a batch of 2" in str(wide)
+    assert "model m:1: infer_fn returned output 'double' with shape (0, 2) for a batch of 1" in str(narrow)
 
 
 def test_a_request_whose_deadline_passes_in_the_queue_is_dropped_before_compute(pool):

@@ -63,8 +63,10 @@ Limits and failures:
   is formed is dropped without computing (`DeadlineExceeded`).
 - A caller that is cancelled (a gRPC client that cancels) leaves the queue at
   once; if its batch already runs, its rows are discarded.
-- An exception from `infer_fn`, or outputs of the wrong length, go to every
-  caller of that batch.
+- A batch of several requests whose `infer_fn` raises (or returns outputs of the
+  wrong length) runs again one request at a time, so that only the requests that
+  fail alone get the error: one request's inputs that break the model, or a batch
+  too large for the device's memory, do not fail the others in its batch.
 
 Bookkeeping happens on the event loop: `ModelStatistics` (KServe statistics) and
 an optional observer (Prometheus) get queue and compute times per batch.
@@ -96,6 +98,13 @@ class BatchObserver(Protocol):
     def observe_batch(self, images: int, queue_seconds: Sequence[float], compute_seconds: float) -> None: ...
 
     def observe_queue_depth(self, requests: int) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class _Failed:
+    """A request's share of a batch: it failed when it ran alone."""
+
+    error: Exception
 
 
 @dataclasses.dataclass(eq=False)
@@ -335,34 +344,64 @@ class DynamicBatcher:
         end = time.monotonic()
         try:
             parts, (input_ns, infer_ns, output_ns) = future.result()
-        except BaseException as e:  # noqa: BLE001 - every caller of the batch gets it
+        except BaseException as e:  # noqa: BLE001 - a lone request failed (or the run was interrupted)
             for entry in batch:
                 if not entry.future.done():
                     entry.future.set_exception(e)
                 if self._stats is not None:
                     self._stats.record_failure(int((end - entry.enqueued) * 1e9))
         else:
+            answered = []
             for entry, part in zip(batch, parts):
+                if isinstance(part, _Failed):
+                    if not entry.future.done():
+                        entry.future.set_exception(part.error)
+                    if self._stats is not None:
+                        self._stats.record_failure(int((end - entry.enqueued) * 1e9))
+                    continue
                 if not entry.future.done():
                     entry.future.set_result(part)
-            images = sum(e.images for e in batch)
-            queue_seconds = [start - e.enqueued for e in batch]
-            if self._stats is not None:
+                answered.append(entry)
+            images = sum(e.images for e in answered)
+            queue_seconds = [start - e.enqueued for e in answered]
+            if self._stats is not None and answered:
                 self._stats.record_batch(
                     images=images,
                     queue_ns=[int(q * 1e9) for q in queue_seconds],
-                    total_ns=[int((end - e.enqueued) * 1e9) for e in batch],
+                    total_ns=[int((end - e.enqueued) * 1e9) for e in answered],
                     input_ns=input_ns, infer_ns=infer_ns, output_ns=output_ns,
                     end_unix_ms=int(time.time() * 1000),
                 )
-            if self._observer is not None:
+            if self._observer is not None and answered:
                 self._observer.observe_batch(images, queue_seconds, (input_ns + infer_ns + output_ns) / 1e9)
         # The batch collected meanwhile launches now, with no gap.
         self._pump()
 
     # -- in the executor ---------------------------------------------------------------
 
-    def _run_batch(self, arrays: list[np.ndarray], infer_fn: InferFn) -> tuple[list[Outputs], tuple[int, int, int]]:
+    def _run_batch(
+        self, arrays: list[np.ndarray], infer_fn: InferFn,
+    ) -> tuple[list[Outputs | _Failed], tuple[int, int, int]]:
+        """Each request's outputs, and the batch's input, infer and output times in ns."""
+        try:
+            return self._compute(arrays, infer_fn)
+        except Exception:
+            if len(arrays) == 1:
+                raise
+        # See "Limits and failures" above: each request runs alone.
+        parts: list[Outputs | _Failed] = []
+        times = (0, 0, 0)
+        for array in arrays:
+            try:
+                (part,), spent = self._compute([array], infer_fn)
+            except Exception as error:  # noqa: BLE001 - this request's own failure
+                parts.append(_Failed(error))
+            else:
+                parts.append(part)
+                times = tuple(a + b for a, b in zip(times, spent))
+        return parts, times
+
+    def _compute(self, arrays: list[np.ndarray], infer_fn: InferFn) -> tuple[list[Outputs], tuple[int, int, int]]:
         t0 = time.perf_counter_ns()
         if self._collate is not None:
             x = self._collate(arrays)  # (N, ...)
