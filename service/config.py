@@ -121,7 +121,8 @@ class Settings:
     )
     max_batch_size: int = _setting(32, "most images one dynamic batch of a model holds", _positive_int)
     batch_delay_seconds: float = _setting(
-        0.002, "how long a prediction waits for others to batch with (0: batch only what is already queued)",
+        0.002, "on a GPU, how long requests gather while a batch computes before the next starts beside it "
+        "(0: at once); an idle model never waits, and on the CPU a batch starts when a core frees",
         _non_negative_float,
     )
     max_queue_size: int = _setting(
