@@ -24,6 +24,7 @@ from PIL import Image
 import client as tlclient
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service.manifest import Manifest
+from service.server import CORE_RECEIVE_CAP_FACTOR
 from tests.modelfactory import published_model
 from tests.serverproc import serving
 
@@ -228,6 +229,21 @@ def test_a_message_over_the_receive_limit_names_the_limit_and_the_call(tl, fp32)
     assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "Predict" in e.value.message
 
 
+def test_a_message_over_grpcs_own_cap_is_refused_by_grpc_and_the_server_keeps_serving(tl, fp32, manifest):
+    # gRPC core reads nothing over CORE_RECEIVE_CAP_FACTOR × the limit: its own refusal, the same code.
+    huge = bytes(CORE_RECEIVE_CAP_FACTOR * MAX_MESSAGE + 1000)
+    with pytest.raises(tlclient.TLServeError) as e:
+        tl.predict("shapes", [huge])
+    assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in e.value.message.lower()
+    with pytest.raises(tlclient.TLServeError) as e:
+        list(tl.predict_stream([pb.PredictRequest(model=pb.ModelRef(name="shapes"),
+                                                  images=[pb.ImageInput(encoded=huge)])]))
+    assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    (path, label), *_ = manifest.samples("test")
+    assert tl.predict("shapes", [png_bytes(path)]).predictions[0].top_k  # still serving
+
+
 def test_concurrent_calls_batch_and_one_bad_call_does_not_fail_the_others(server, fp32, manifest):
     good = png_bytes(manifest.samples("test")[0][0])
 
@@ -236,14 +252,28 @@ def test_concurrent_calls_batch_and_one_bad_call_does_not_fail_the_others(server
             calls = [c.predict("shapes", [good]) for _ in range(15)] + [c.predict("shapes", [b"bad"])]
             return await asyncio.gather(*calls, return_exceptions=True)
 
+    before = batch_size_metric(server)
     results = asyncio.run(run())
     assert all(isinstance(r, pb.PredictResponse) for r in results[:15]), results
     assert isinstance(results[15], tlclient.TLServeError)
     assert results[15].code == grpc.StatusCode.INVALID_ARGUMENT
+    # The batch sizes seen are a metric: the 15 good images ran in at most 15 batches;
+    # the bad call was refused before it could join one.
+    after = batch_size_metric(server)
+    images, batches = after[0] - before[0], after[1] - before[1]
+    assert images == 15 and 1 <= batches <= 15
+
+
+def batch_size_metric(server) -> tuple[float, float]:
+    """`tlserve_inference_batch_size_images` of model "shapes", every variant: (sum, count)."""
     with urllib.request.urlopen(f"http://{server.metrics_address}/metrics", timeout=10) as r:
         text = r.read().decode()
-    batch_lines = [line for line in text.splitlines() if line.startswith("tlserve_inference_batch_size_images_count")]
-    assert batch_lines, "the batch sizes seen are a metric"
+    values = {}
+    for line in text.splitlines():
+        for part in ("sum", "count"):
+            if line.startswith(f"tlserve_inference_batch_size_images_{part}{{") and 'model="shapes"' in line:
+                values[part] = values.get(part, 0.0) + float(line.rsplit(" ", 1)[1])
+    return values.get("sum", 0.0), values.get("count", 0.0)
 
 
 def test_the_cli_exports_downloads_and_predicts(server, fp32, manifest, tmp_path):
