@@ -374,6 +374,48 @@ def test_target_resolves_from_the_cached_record_and_reads_it_again_for_a_variant
     serve(world, body)
 
 
+def publish_pytorch_version(world: World, name: str) -> int:
+    """A new version of model `name` with the world model's weights (PyTorch only)."""
+    copy = pb.Model()
+    copy.CopyFrom(world.model)
+    copy.name, copy.version = name, world.models.next_version(name)
+    del copy.artifacts[:]
+    path = f"{model_dir(name, copy.version)}/model.pt"
+    source = world.artifacts.path(world.models.artifact_path("shapes", world.model.version, "pytorch"))
+    info = world.artifacts.publish_bytes(source.read_bytes(), path)
+    (pytorch,) = [a for a in world.model.artifacts if a.format == pb.ARTIFACT_FORMAT_PYTORCH]
+    stored = pb.ModelArtifact()
+    stored.CopyFrom(pytorch)
+    stored.model.name, stored.model.version, stored.sha256 = name, copy.version, info.sha256
+    world.models.publish(copy, [(stored, path)])
+    return copy.version
+
+
+def test_the_latest_version_serves_and_a_newer_one_takes_over_within_the_latest_ttl(world, monkeypatch):
+    from service.inference import service as inference_service
+
+    name = "shapes-latest"
+    first = publish_pytorch_version(world, name)
+    data = world.images[0][0]
+
+    def ask(version: int = 0) -> pb.PredictRequest:
+        return pb.PredictRequest(model=pb.ModelRef(name=name, version=version), runtime=pb.RUNTIME_PYTORCH,
+                                 images=[encoded(data)])
+
+    async def body(service):
+        answered = [(await service.predict(ask())).model.version]
+        second = publish_pytorch_version(world, name)
+        answered.append((await service.predict(ask())).model.version)  # "latest" is cached for a while
+        monkeypatch.setattr(inference_service, "LATEST_TTL_SECONDS", 0.0)
+        answered.append((await service.predict(ask())).model.version)  # asked again: the newer version
+        answered.append((await service.predict(ask(first))).model.version)  # an explicit version stays served
+        return second, answered
+
+    second, answered = serve(world, body)
+    assert second == first + 1
+    assert answered == [first, first, second, first]
+
+
 # -- loading, the cache, unloading ----------------------------------------------------
 
 
