@@ -23,7 +23,7 @@ from service.jobs.worker import publish
 from service.manifest import Manifest
 from service.store.artifacts import ArtifactStore
 from service.store.metadata import MetadataStore
-from service.store.models import ModelStore
+from service.store.models import PYTORCH_VARIANT, ModelStore, artifact_variant, model_dir
 from service.training.config import TrainConfig
 from service.training.engine import fine_tune
 from service.training.selfcheck import PrintReporter
@@ -82,3 +82,24 @@ def published_model(
         return settings, models.get(ref.name, ref.version)
     finally:
         metadata.close()
+
+
+def publish_copy(models: ModelStore, artifacts: ArtifactStore, model: pb.Model, *, name: str | None = None,
+                 dataset_id: str | None = None) -> int:
+    """Publishes the next version of model `name` (default: `model`'s) with `model`'s
+    weights (its PyTorch artifact only), trained on `dataset_id` (default: the same);
+    returns that version."""
+    copy = pb.Model()
+    copy.CopyFrom(model)
+    copy.name = name or model.name
+    copy.version = models.next_version(copy.name)
+    if dataset_id is not None:
+        copy.lineage.dataset_id = dataset_id
+    path = f"{model_dir(copy.name, copy.version)}/model.pt"
+    weights = artifacts.path(models.artifact_path(model.name, model.version, PYTORCH_VARIANT)).read_bytes()
+    info = artifacts.publish_bytes(weights, path)
+    stored = pb.ModelArtifact()
+    stored.CopyFrom([a for a in model.artifacts if artifact_variant(a) == PYTORCH_VARIANT][0])
+    stored.model.name, stored.model.version, stored.sha256 = copy.name, copy.version, info.sha256
+    models.publish(copy, [(stored, path)])
+    return copy.version

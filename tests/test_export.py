@@ -30,7 +30,7 @@ from service.store.artifacts import ArtifactStore
 from service.store.metadata import MetadataStore
 from service.store.models import PYTORCH_VARIANT, ModelStore, artifact_variant, model_dir
 from service.training.data import ImageDataset, eval_transform
-from tests.modelfactory import published_model
+from tests.modelfactory import publish_copy, published_model
 
 
 @pytest.fixture(scope="module")
@@ -384,25 +384,9 @@ def test_unknown_model_or_version_is_not_found(service):
         service.export(pb.ExportModelRequest(model=ref(9)))
 
 
-def publish_copy(models: ModelStore, artifacts: ArtifactStore, model: pb.Model, dataset_id: str) -> int:
-    """Another version of the factory model (same weights), trained on `dataset_id`."""
-    copy = pb.Model()
-    copy.CopyFrom(model)
-    copy.version = models.next_version("shapes")
-    copy.lineage.dataset_id = dataset_id
-    path = f"{model_dir('shapes', copy.version)}/model.pt"
-    weights = artifacts.path(models.artifact_path("shapes", 1, PYTORCH_VARIANT)).read_bytes()
-    info = artifacts.publish_bytes(weights, path)
-    stored = pb.ModelArtifact()
-    stored.CopyFrom([a for a in model.artifacts if artifact_variant(a) == PYTORCH_VARIANT][0])
-    stored.model.version, stored.sha256 = copy.version, info.sha256
-    models.publish(copy, [(stored, path)])
-    return copy.version
-
-
 def test_a_model_whose_dataset_was_deleted_cannot_be_exported(service, models, artifacts, made):
     """A second version, trained on a dataset that is gone: parity has no images."""
-    version = publish_copy(models, artifacts, made[1], "ds-deleted")
+    version = publish_copy(models, artifacts, made[1], dataset_id="ds-deleted")
     try:
         with pytest.raises(FailedPrecondition, match="ds-deleted.*no longer exists"):
             service.export(pb.ExportModelRequest(model=ref(version)))
@@ -413,7 +397,7 @@ def test_a_model_whose_dataset_was_deleted_cannot_be_exported(service, models, a
 
 def test_a_model_deleted_while_it_is_exported_is_not_found_and_leaves_no_file(service, models, artifacts, made,
                                                                               monkeypatch):
-    version = publish_copy(models, artifacts, made[1], made[1].lineage.dataset_id)
+    version = publish_copy(models, artifacts, made[1])
     publish_bytes = artifacts.publish_bytes
 
     def delete_then_publish(data, path):  # DeleteModel lands just before the file is written

@@ -28,7 +28,7 @@ from service.store.artifacts import ArtifactStore
 from service.store.metadata import MetadataStore
 from service.store.models import ModelStore, model_dir
 from service.training.data import eval_transform
-from tests.modelfactory import published_model
+from tests.modelfactory import publish_copy, published_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")
 
@@ -374,28 +374,11 @@ def test_target_resolves_from_the_cached_record_and_reads_it_again_for_a_variant
     serve(world, body)
 
 
-def publish_pytorch_version(world: World, name: str) -> int:
-    """A new version of model `name` with the world model's weights (PyTorch only)."""
-    copy = pb.Model()
-    copy.CopyFrom(world.model)
-    copy.name, copy.version = name, world.models.next_version(name)
-    del copy.artifacts[:]
-    path = f"{model_dir(name, copy.version)}/model.pt"
-    source = world.artifacts.path(world.models.artifact_path("shapes", world.model.version, "pytorch"))
-    info = world.artifacts.publish_bytes(source.read_bytes(), path)
-    (pytorch,) = [a for a in world.model.artifacts if a.format == pb.ARTIFACT_FORMAT_PYTORCH]
-    stored = pb.ModelArtifact()
-    stored.CopyFrom(pytorch)
-    stored.model.name, stored.model.version, stored.sha256 = name, copy.version, info.sha256
-    world.models.publish(copy, [(stored, path)])
-    return copy.version
-
-
 def test_the_latest_version_serves_and_a_newer_one_takes_over_within_the_latest_ttl(world, monkeypatch):
     from service.inference import service as inference_service
 
     name = "shapes-latest"
-    first = publish_pytorch_version(world, name)
+    first = publish_copy(world.models, world.artifacts, world.model, name=name)
     data = world.images[0][0]
 
     def ask(version: int = 0) -> pb.PredictRequest:
@@ -404,7 +387,7 @@ def test_the_latest_version_serves_and_a_newer_one_takes_over_within_the_latest_
 
     async def body(service):
         answered = [(await service.predict(ask())).model.version]
-        second = publish_pytorch_version(world, name)
+        second = publish_copy(world.models, world.artifacts, world.model, name=name)
         answered.append((await service.predict(ask())).model.version)  # "latest" is cached for a while
         monkeypatch.setattr(inference_service, "LATEST_TTL_SECONDS", 0.0)
         answered.append((await service.predict(ask())).model.version)  # asked again: the newer version
