@@ -389,6 +389,7 @@ class _Ingested:
     dataset: pb.Dataset  # without id, name, create_time, source
     splits: dict[str, list[tuple[str, int]]]
     class_names: list[str]
+    made_splits: tuple[str, ...]  # the splits tlserve drew from the training images
 
 
 def _ingest(read_root: pathlib.Path, layout: _Layout, options: SplitConfig, settings: Settings,
@@ -427,7 +428,7 @@ def _ingest(read_root: pathlib.Path, layout: _Layout, options: SplitConfig, sett
             f"no usable image {where} (corrupt and non-image files are skipped); add images or remove the folder"
         )
 
-    generated = _assign_splits(usable, layout, options)
+    made = _assign_splits(usable, layout, options)
     label = {name: i for i, name in enumerate(layout.class_names)}
 
     # Duplicates by content: the first file of a group (train first, then by path) is
@@ -466,7 +467,7 @@ def _ingest(read_root: pathlib.Path, layout: _Layout, options: SplitConfig, sett
     dataset = pb.Dataset(
         class_names=layout.class_names,
         splits=summaries,
-        generated_splits=generated,
+        generated_splits=bool(made),
         image_count=len(usable),
         size_bytes=sum(it.size_bytes for it in usable),
         # median_low: a size some image really has, never a half pixel.
@@ -476,11 +477,12 @@ def _ingest(read_root: pathlib.Path, layout: _Layout, options: SplitConfig, sett
         ),
         warnings=warnings.to_proto(),
     )
-    return _Ingested(dataset, splits, layout.class_names)
+    return _Ingested(dataset, splits, layout.class_names, made)
 
 
-def _assign_splits(usable: list[_Item], layout: _Layout, options: SplitConfig) -> bool:
-    """Sets `split` on every item; returns whether tlserve made any split."""
+def _assign_splits(usable: list[_Item], layout: _Layout, options: SplitConfig) -> tuple[str, ...]:
+    """Sets `split` on every item; returns the splits tlserve made (drawn from the
+    training pool), in SPLITS order; empty when the archive's folders gave them all."""
     if layout.split_folders:
         to_make = [s for s in ("val", "test") if s not in layout.split_folders]
         pool = [it for it in usable if it.split == "train"]
@@ -488,7 +490,7 @@ def _assign_splits(usable: list[_Item], layout: _Layout, options: SplitConfig) -
         to_make = ["val", "test"]
         pool = usable
     if not to_make:
-        return False
+        return ()
     by_class: dict[str, dict[str, list[_Item]]] = defaultdict(lambda: defaultdict(list))
     for item in pool:
         by_class[item.class_name][item.sha256].append(item)
@@ -505,7 +507,7 @@ def _assign_splits(usable: list[_Item], layout: _Layout, options: SplitConfig) -
             split = "val" if i < n_val else "test" if i < n_val + n_test else "train"
             for item in group:
                 item.split = split
-    return True
+    return tuple(to_make)
 
 
 # --- Archives --------------------------------------------------------------------------
@@ -1019,7 +1021,7 @@ class Datasets:
         dataset.create_time.FromNanoseconds(int(now * 1e9))
         manifest = Manifest(
             id=dataset_id, name=name, root=manifest_root, class_names=tuple(ingested.class_names),
-            splits={s: tuple(ingested.splits[s]) for s in SPLITS},
+            splits={s: tuple(ingested.splits[s]) for s in SPLITS}, made_splits=ingested.made_splits,
         )
         final = self.dataset_dir(dataset_id)
         manifest.save(staging / MANIFEST_FILE)

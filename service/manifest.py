@@ -9,10 +9,15 @@ File: HOME/datasets/<dataset id>/manifest.json
 
     {"format": 1, "id": "ds-1a2b3c4d", "name": "shapes", "root": "/abs/dir",
      "class_names": ["disc", "square"],
-     "splits": {"train": [["disc/a.png", 0], ...], "val": [...], "test": [...]}}
+     "splits": {"train": [["disc/a.png", 0], ...], "val": [...], "test": [...]},
+     "made_splits": ["val"]}
 
 `root` is the absolute directory the relative paths start from; labels are
 indices into `class_names` (sorted). Every split key is present, possibly empty.
+`made_splits` names the splits tlserve drew from the training images at
+ingestion (the archive had no folder for them): the training engine may give a
+made val split back to training when it is too small to choose weights with
+(`service.training.protocol`). Manifests written before it existed read as ().
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class Manifest:
     class_names: tuple[str, ...]
     # split → ((relative path, label), ...)
     splits: dict[str, tuple[tuple[str, int], ...]]
+    made_splits: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         missing = set(SPLITS) - set(self.splits)
@@ -59,6 +65,7 @@ class Manifest:
                 "root": str(self.root),
                 "class_names": list(self.class_names),
                 "splits": {s: [list(item) for item in self.splits[s]] for s in SPLITS},
+                "made_splits": list(self.made_splits),
             }
         )
 
@@ -81,4 +88,5 @@ class Manifest:
             root=pathlib.Path(data["root"]),
             class_names=tuple(data["class_names"]),
             splits={s: tuple((rel, int(label)) for rel, label in data["splits"][s]) for s in SPLITS},
+            made_splits=tuple(data.get("made_splits", ())),
         )

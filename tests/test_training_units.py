@@ -75,24 +75,31 @@ def _config(request: pb.FineTuneRequest | None = None, **kwargs) -> TrainConfig:
 
 def test_defaults_follow_the_strategy():
     fe = _config(pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_FEATURE_EXTRACTION))
-    assert (fe.optimizer, fe.learning_rate, fe.epochs, fe.cache_features, fe.augment) == ("adamw", 1e-2, 15, True, False)
+    # Cached: the head is fitted on the eval view and 8 augmented views of every image.
+    assert (fe.optimizer, fe.learning_rate, fe.epochs, fe.cache_features, fe.augment) == ("adamw", 1e-2, 15, True, True)
+    assert fe.cached_views == 8
     uncached = pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_FEATURE_EXTRACTION)
     uncached.training.cache_features = False
-    assert _config(uncached).augment  # each epoch sees new augmented images anyway
-    asked = pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_FEATURE_EXTRACTION)
-    asked.augmentation.enabled = True
-    assert _config(asked).augment and _config(asked).cached_views == 4
+    assert _config(uncached).augment  # each epoch sees new augmented images
+    off = pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_FEATURE_EXTRACTION)
+    off.augmentation.enabled = False
+    assert not _config(off).augment
     full = _config(pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_FULL))
-    assert (full.optimizer, full.learning_rate, full.layer_lr_decay, full.nesterov) == ("sgd", 1e-3, 0.5, True)
+    assert (full.optimizer, full.learning_rate, full.layer_lr_decay, full.nesterov) == ("adamw", 3e-4, 1.0, False)
     assert full.warmup_epochs == 1.0 and full.epochs == 20
+    # Label-safe augmentation and no regularisers that cost few-shot accuracy (measured on real images).
+    assert (full.augment, full.crop_min_scale, full.horizontal_flip, full.rotation_degrees, full.color_jitter) == (
+        True, 0.8, False, 0.0, 0.0)
+    assert (full.label_smoothing, full.head_dropout) == (0.0, 0.0)
     partial = _config(pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_PARTIAL))
-    assert partial.trainable_groups == 1 and partial.learning_rate == 1e-2
+    assert partial.trainable_groups == 0 and partial.learning_rate == 3e-4  # 0: the engine trains the top half
+    assert [strategies.default_partial_groups(n) for n in (1, 2, 3, 5, 8)] == [1, 2, 2, 3, 4]
     proto = _config(pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_PROTOTYPE))
-    assert not proto.augment and proto.head_dropout == 0.0
+    assert proto.augment and proto.head_dropout == 0.0
     auto = _config()
     assert auto.strategy == pb.STRATEGY_AUTO
     assert (auto.schedule, auto.stop_metric, auto.patience, auto.cached_views, auto.mixed_precision) == (
-        "cosine", "val_accuracy", 5, 4, "off")  # fp32 on the CPU
+        "cosine", "val_accuracy", 5, 8, "off")  # fp32 on the CPU
 
 
 def test_caller_values_win_over_defaults_and_survive_auto_resolution():
@@ -101,7 +108,7 @@ def test_caller_values_win_over_defaults_and_survive_auto_resolution():
     request.training.early_stopping.patience = 0  # set: early stopping off
     resolved = _config(request).resolved(pb.STRATEGY_FULL, 5)
     assert resolved.strategy == pb.STRATEGY_FULL and resolved.learning_rate == 0.05
-    assert resolved.optimizer == "sgd" and resolved.epochs == 20  # FULL's defaults for the rest
+    assert resolved.optimizer == "adamw" and resolved.epochs == 20  # FULL's defaults for the rest
     assert resolved.patience == 0 and resolved.seed == 7
 
 
@@ -204,6 +211,63 @@ def test_trainable_groups_per_strategy_and_phase(resnet):
     assert names(pb.STRATEGY_PROGRESSIVE_UNFREEZING, epoch=5) == ["layer3", "layer4", "head"]
 
 
+def test_ledoit_wolf_shrinkage_matches_scikit_learn():
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    generator = torch.Generator().manual_seed(3)
+    for n, d in ((12, 40), (200, 16), (30, 30)):
+        z = torch.randn(n, d, generator=generator, dtype=torch.float64) * torch.linspace(0.5, 3, d, dtype=torch.float64)
+        z = z - z.mean(dim=0)
+        assert strategies.ledoit_wolf_shrinkage(z) == pytest.approx(ledoit_wolf_shrinkage(z.numpy(), assume_centered=True), rel=1e-6)
+
+
+def test_gaussian_prototype_is_the_mahalanobis_nearest_class_mean():
+    generator = torch.Generator().manual_seed(0)
+    # Three classes whose features share a stretched covariance: one direction has 10×
+    # the spread, so plain Euclidean class means mislead where the Mahalanobis ones don't.
+    stretch = torch.ones(6, dtype=torch.float64)
+    stretch[0] = 10.0
+    centres = torch.randn(3, 6, generator=generator, dtype=torch.float64) * 2
+    labels = torch.arange(300) % 3
+    features = centres[labels] + torch.randn(300, 6, generator=generator, dtype=torch.float64) * stretch
+    weight, bias = strategies.gaussian_prototype_weights(features, labels, 3)
+    queries_labels = torch.arange(600) % 3
+    queries = centres[queries_labels] + torch.randn(600, 6, generator=generator, dtype=torch.float64) * stretch
+    logits = queries.float() @ weight.T + bias  # (600, 3)
+    # With 300 images the shrinkage is small: the head is LDA's discriminant, which
+    # ranks classes as the Mahalanobis distance under the pooled covariance does.
+    means = torch.stack([features[labels == c].mean(0) for c in range(3)])
+    centred = features - means[labels]
+    covariance = centred.T @ centred / (300 - 3)
+    inverse = torch.linalg.inv(covariance)
+    mahalanobis = torch.stack([((queries - m) @ inverse * (queries - m)).sum(1) for m in means], dim=1)
+    agreement = (logits.argmax(1) == mahalanobis.argmin(1)).double().mean().item()
+    assert agreement > 0.98
+    euclidean = (torch.cdist(queries, means).argmin(1) == queries_labels).double().mean()
+    assert (logits.argmax(1) == queries_labels).double().mean() > euclidean + 0.05
+
+
+def test_gaussian_prototype_stays_finite_with_fewer_images_than_dimensions():
+    generator = torch.Generator().manual_seed(1)
+    features = torch.randn(6, 512, generator=generator).abs()  # ReLU features: 2 images per class, D = 512
+    features[:, :100] = 0.0  # dead units: zero variance
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    weight, bias = strategies.gaussian_prototype_weights(features, labels, 3)
+    assert torch.isfinite(weight).all() and torch.isfinite(bias).all()
+    assert torch.equal((features @ weight.T + bias).argmax(1), labels)  # its own images are nearest their means
+
+
+def test_linear_probe_folds_keep_every_view_of_an_image_together():
+    labels = torch.arange(12) % 2  # 12 images, 2 classes
+    groups = torch.arange(12).repeat(4)  # 4 views each
+    folds = strategies.stratified_folds(labels, 3, seed=0)[groups]
+    for image in range(12):
+        assert len(set(folds[groups == image].tolist())) == 1
+    features = torch.randn(48, 5, generator=torch.Generator().manual_seed(2))
+    probe = strategies.fit_linear_probe(features, labels.repeat(4), 2, groups=groups)
+    assert probe.weight_decay in strategies.LINEAR_PROBE_WEIGHT_DECAYS
+
+
 def test_prototype_weights_make_a_linear_layer_the_nearest_class_mean():
     torch.manual_seed(0)
     features = torch.randn(30, 8)
@@ -237,25 +301,26 @@ def test_probe_is_leave_one_out_nearest_mean():
 @pytest.mark.parametrize(
     "per_class, probe, expected, groups",
     [
-        (5, 0.9, pb.STRATEGY_PROTOTYPE, 0),
         (1, math.nan, pb.STRATEGY_PROTOTYPE, 0),
-        (50, 0.9, pb.STRATEGY_FEATURE_EXTRACTION, 0),
-        (50, 0.4, pb.STRATEGY_PROGRESSIVE_UNFREEZING, 4),
+        (1.5, 0.9, pb.STRATEGY_PROTOTYPE, 0),
+        (3, 0.9, pb.STRATEGY_FULL, 5),
+        (50, 0.9, pb.STRATEGY_FULL, 5),  # small: the probe does not decide
+        (50, 0.1, pb.STRATEGY_FULL, 5),
         (500, 0.9, pb.STRATEGY_PARTIAL, 3),  # ceil(5 / 2)
         (500, 0.4, pb.STRATEGY_FULL, 5),
     ],
 )
 def test_auto_table(per_class, probe, expected, groups):
-    decision = strategies.decide(per_class, probe, num_classes=4, groups_below=5, progressive_groups=4)
+    decision = strategies.decide(per_class, probe, num_classes=4, groups_below=5)
     assert decision.strategy == expected and decision.trainable_groups == groups
     assert decision.chance_accuracy == 0.25 and decision.images_per_class == per_class
     assert f"{per_class:.1f} training images per class" in decision.reason
 
 
 def test_auto_reason_states_the_probe_numbers():
-    decision = strategies.decide(3, 0.8, num_classes=2, groups_below=4, progressive_groups=4)
+    decision = strategies.decide(3, 0.8, num_classes=2, groups_below=4)
     assert decision.probe_accuracy == 0.8
-    assert "0.800 against chance 0.500" in decision.reason and "prototype" in decision.reason
+    assert "0.800 against chance 0.500" in decision.reason and "full fine-tuning" in decision.reason
 
 
 # -- checkpoint ------------------------------------------------------------------------------
@@ -281,7 +346,8 @@ def test_training_from_scratch_uses_one_rate_for_every_layer():
     cfg = TrainConfig.from_request(pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_FULL, weights=scratch), **kw)
     assert cfg.from_scratch and (cfg.optimizer, cfg.layer_lr_decay, cfg.epochs) == ("adamw", 1.0, 30)
     pretrained = TrainConfig.from_request(pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_FULL), **kw)
-    assert not pretrained.from_scratch and (pretrained.optimizer, pretrained.layer_lr_decay) == ("sgd", 0.5)
+    assert not pretrained.from_scratch and (pretrained.optimizer, pretrained.learning_rate) == ("adamw", 3e-4)
+    assert cfg.learning_rate == 1e-3  # nothing pretrained to protect: a larger rate
     # Feature extraction keeps its own defaults: only the head trains anyway.
     fe = TrainConfig.from_request(
         pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_FEATURE_EXTRACTION, weights=scratch), **kw

@@ -35,6 +35,7 @@ from service.manifest import Manifest
 from service.store import ArtifactStore, MetadataStore
 from service.store.jobs import JobStore, now
 from service.store.models import PYTORCH_VARIANT, ModelStore, model_dir
+from service.training import protocol
 from service.training.config import TrainConfig
 from service.training.engine import Cancelled, TrainResult, fine_tune
 
@@ -147,7 +148,7 @@ def run(job_id: str, settings: Settings) -> int:
         device = pick_device()
         config = TrainConfig.from_request(
             request, num_classes=len(manifest.class_names),
-            train_images_per_class=len(manifest.splits["train"]) / len(manifest.class_names),
+            train_images_per_class=protocol.choose(manifest, request).images_per_class(len(manifest.class_names)),
             device_type=device.type,
         )
         result = fine_tune(config, manifest, weights=weights, weights_dir=settings.weights_dir,

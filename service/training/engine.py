@@ -6,11 +6,16 @@ It reads top to bottom as the stages of a job:
 1. set up: the process group under torchrun, seeds, the device's precision;
 2. build the model (`backbones.build`) and the datasets from the manifest;
 3. decide the strategy (AUTO measures the data, `strategies.decide`);
-4. PROTOTYPE: class means of frozen features become the head, done;
-5. otherwise train epoch by epoch, `train_one_epoch` on images, or
+4. the validation protocol (`protocol.choose`): which images train, and whether
+   val chooses the published epoch (enough val images per class) or every asked
+   epoch runs and the last is published;
+5. PROTOTYPE and FEATURE_EXTRACTION (cached): the head is computed in closed form
+   or fitted to its optimum on cached frozen features of several views, done;
+6. otherwise train epoch by epoch, `train_one_epoch` on images, or
    `train_head_one_epoch` on cached features while the backbone is frozen;
-   evaluate on val, keep the best weights, stop early, checkpoint;
-6. load the best weights and evaluate them on test.
+   evaluate on val, keep the best weights and stop early (holdout protocol only),
+   checkpoint;
+7. load the published weights and evaluate them on val and test.
 
 A job killed at any point is resumed by calling `fine_tune` again with the same
 arguments: it continues after the last checkpointed epoch and, on the CPU with
@@ -55,7 +60,7 @@ from client.tlserve.v1 import tlserve_pb2 as pb
 from service import backbones
 from service.errors import InvalidArgument
 from service.manifest import Manifest
-from service.training import checkpoint, data, strategies
+from service.training import checkpoint, data, protocol, strategies
 from service.training.config import TrainConfig
 from service.training.metrics import report_from_predictions
 
@@ -312,6 +317,8 @@ def extract_features(
         with _autocast(device, dtype):
             features.append(trunk(images).float().cpu())  # (B, D)
         labels.append(targets)
+    if not features:  # an empty split (no val images): (0, 0) features, which the head never sees
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat(features), torch.cat(labels)
 
 
@@ -335,10 +342,10 @@ def frozen_features(
 
 @dataclasses.dataclass
 class FeatureCache:
-    """Frozen-trunk features: `views` augmented versions of every training image
-    (one eval view when augmentation is off) and the validation images."""
+    """Frozen-trunk features: the eval view of every training image, then, with
+    augmentation on, `cached_views` augmented views of it; and the validation images."""
 
-    train: torch.Tensor  # (V, N, D) float32, CPU
+    train: torch.Tensor  # (V, N, D) float32, CPU; view 0 is the eval view
     train_labels: torch.Tensor  # (N,)
     val: torch.Tensor  # (M, D)
     val_labels: torch.Tensor  # (M,)
@@ -346,7 +353,7 @@ class FeatureCache:
 
 def build_feature_cache(job: _Job) -> FeatureCache:
     config = job.config
-    views = config.cached_views if config.augment else 1
+    views = 1 + config.cached_views if config.augment else 1
     job.progress.phase(pb.JOB_PHASE_CACHING_FEATURES, f"computing frozen features: {views} view(s) of {len(job.train_set)} training images")
     train = []
     labels = None
@@ -354,7 +361,7 @@ def build_feature_cache(job: _Job) -> FeatureCache:
         # Each view on its own seeded stream: the cache is the same on every
         # attempt and every rank, whatever ran before.
         with _side_stream(config.seed * 7919 + view, job.device):
-            dataset = job.train_set if config.augment else job.train_eval_set
+            dataset = job.train_set if view > 0 else job.train_eval_set
             loader = data.make_loader(dataset, config.batch_size, shuffle=False, device=job.device, seed=config.seed + view)
             features, labels = extract_features(job.built.trunk, loader, job.device, job.amp, job.check)
         train.append(features)
@@ -502,8 +509,8 @@ def evaluate_head(head: nn.Module, features: torch.Tensor, labels: torch.Tensor,
     """The head alone on cached features (N, D): the same numbers as `evaluate`
     on the whole model while the trunk is frozen."""
     head.eval()
-    logits = [head(chunk.to(device)).float().cpu() for chunk in features.split(1024)]
-    return _report(logits, [labels], class_names)
+    logits = [head(chunk.to(device)).float().cpu() for chunk in features.split(1024)] if len(features) else []
+    return _report(logits, [labels] if logits else [], class_names)
 
 
 def _report(logits: list[torch.Tensor], labels: list[torch.Tensor], class_names: list[str]) -> pb.EvaluationReport:
@@ -522,6 +529,7 @@ class _Job:
 
     config: TrainConfig
     manifest: Manifest
+    plan: protocol.Protocol  # which images train; whether val chooses the weights
     built: object  # backbones.BuiltModel
     preprocessing: backbones.Preprocessing
     device: torch.device
@@ -583,7 +591,8 @@ def _fine_tune(config, manifest, weights, weights_dir, checkpoint_dir, reporter,
     progress.phase(pb.JOB_PHASE_PREPARING, f"building {config.backbone} for {len(manifest.class_names)} classes")
     _check_manifest(manifest)
     seed_everything(config.seed)
-    job = _prepare(config, manifest, weights, weights_dir, device, procs, progress)
+    plan = protocol.choose(manifest, config.source_request())
+    job = _prepare(config, manifest, plan, weights, weights_dir, device, procs, progress)
     ckpt_path = checkpoint.path_in(checkpoint_dir)
     state = checkpoint.load(ckpt_path)
     fingerprint = _fingerprint(config, manifest)
@@ -591,14 +600,21 @@ def _fine_tune(config, manifest, weights, weights_dir, checkpoint_dir, reporter,
         log.warning("ignoring checkpoint %s: it was written for other settings or data", ckpt_path)
         state = None
 
-    decision = (
-        pb.StrategyDecision.FromString(state["decision"]) if state is not None else decide_strategy(job)
-    )
+    if state is not None:
+        decision = pb.StrategyDecision.FromString(state["decision"])
+    else:
+        decision = decide_strategy(job)
+        decision.validation_protocol, decision.validation_reason = plan.kind, plan.reason
+        progress.phase(pb.JOB_PHASE_PREPARING, f"validation: {plan.reason}")
     if config.strategy == S.STRATEGY_AUTO:
         job.config = config = config.resolved(decision.strategy, decision.trainable_groups)
         progress.total_epochs = config.epochs
+    elif config.strategy == S.STRATEGY_PARTIAL and not config.trainable_groups:
+        job.config = config = dataclasses.replace(config, trainable_groups=decision.trainable_groups)
     if config.strategy == S.STRATEGY_PROTOTYPE:
         return fit_prototype(job, decision)
+    if config.strategy == S.STRATEGY_FEATURE_EXTRACTION and config.cache_features:
+        return fit_feature_head(job, decision)
     return train(job, decision, state, ckpt_path, fingerprint)
 
 
@@ -615,8 +631,9 @@ def _fingerprint(config: TrainConfig, manifest: Manifest) -> str:
     return digest.hexdigest()
 
 
-def _prepare(config, manifest, weights, weights_dir, device, procs, progress) -> _Job:
-    """The model on its device and the datasets and loaders of the three splits."""
+def _prepare(config, manifest, plan, weights, weights_dir, device, procs, progress) -> _Job:
+    """The model on its device and the datasets and loaders of the three splits,
+    train and val as the validation protocol `plan` assigns them."""
     built = backbones.build(
         config.backbone,
         len(manifest.class_names),
@@ -630,14 +647,15 @@ def _prepare(config, manifest, weights, weights_dir, device, procs, progress) ->
         built.model.to(memory_format=torch.channels_last)
     preprocessing = data.resolve_preprocessing(built.preprocessing, config.image_size)
     eval_tf = data.eval_transform(preprocessing)
-    train_set = data.ImageDataset(manifest.samples("train"), data.train_transform(preprocessing, config))
-    train_eval_set = data.ImageDataset(manifest.samples("train"), eval_tf)
-    val_set = data.ImageDataset(manifest.samples("val"), eval_tf)
+    train_set = data.ImageDataset(plan.train, data.train_transform(preprocessing, config))
+    train_eval_set = data.ImageDataset(plan.train, eval_tf)
+    val_set = data.ImageDataset(plan.val, eval_tf)
     test_set = data.ImageDataset(manifest.samples("test"), eval_tf)
     per_process_batch = max(1, config.batch_size // procs.world_size)
     return _Job(
         config=config,
         manifest=manifest,
+        plan=plan,
         built=built,
         preprocessing=preprocessing,
         device=device,
@@ -669,7 +687,8 @@ def decide_strategy(job: _Job) -> pb.StrategyDecision:
     below = len(strategies.groups_below_head(built))
     if config.strategy != S.STRATEGY_AUTO:
         groups = {
-            S.STRATEGY_PARTIAL: min(config.trainable_groups, below),
+            S.STRATEGY_PARTIAL: min(config.trainable_groups, below) if config.trainable_groups
+            else strategies.default_partial_groups(below),
             S.STRATEGY_FULL: below,
             S.STRATEGY_PROGRESSIVE_UNFREEZING: _progressive_reach(config, below),
         }.get(config.strategy, 0)
@@ -684,8 +703,7 @@ def decide_strategy(job: _Job) -> pb.StrategyDecision:
         device=job.device, dtype=job.amp, check=job.check, seed=config.seed,
     )
     probe = strategies.probe_accuracy(features, probe_labels, num_classes)
-    reach = _progressive_reach(config.resolved(S.STRATEGY_PROGRESSIVE_UNFREEZING, 0), below)
-    decision = strategies.decide(images_per_class, probe, num_classes, below, progressive_groups=reach)
+    decision = strategies.decide(images_per_class, probe, num_classes, below)
     job.progress.phase(pb.JOB_PHASE_PREPARING, f"AUTO: {decision.reason}")
     return decision
 
@@ -699,16 +717,37 @@ def _progressive_reach(config: TrainConfig, below: int) -> int:
 # -- stage: prototype -----------------------------------------------------------------
 
 
-def fit_prototype(job: _Job, decision: pb.StrategyDecision) -> TrainResult | None:
-    """Nearest class mean as a Linear head; no gradient steps. With augmentation
-    on, each class mean averages `cached_views` augmented views of its images."""
+def _cached_views(job: _Job) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every cached view of every training image as rows: features (V·N, D), labels
+    (V·N,), and the image each row is a view of (V·N,)."""
     job.progress.total_epochs = 1
     cache = build_feature_cache(job)
     views, count, dim = cache.train.shape
-    features = cache.train.reshape(views * count, dim)  # (V·N, D)
-    labels = cache.train_labels.repeat(views)  # (V·N,)
     strategies.freeze(job.built, [])
+    return cache.train.reshape(views * count, dim), cache.train_labels.repeat(views), torch.arange(count).repeat(views)
+
+
+def fit_prototype(job: _Job, decision: pb.StrategyDecision) -> TrainResult | None:
+    """Nearest class mean in the metric of the classes' shared covariance (shrunk
+    towards the identity) as a Linear head; no gradient steps. With augmentation on
+    (the default) the means and the covariance take every cached view of every image."""
+    features, labels, _ = _cached_views(job)
     strategies.set_prototype_head(job.built, features, labels, len(job.class_names))
+    return finish(job, decision, best_state=None, best_epoch=1, epochs_run=1)
+
+
+def fit_feature_head(job: _Job, decision: pb.StrategyDecision) -> TrainResult | None:
+    """FEATURE_EXTRACTION on cached features: the new head is a multinomial logistic
+    regression fitted to its optimum (L-BFGS) on every cached view of the training
+    images, its L2 strength chosen by cross-validation over images
+    (`strategies.fit_linear_probe`). A convex fit has no epochs to choose and no
+    learning rate to get wrong: on the real few-shot sets it beat a head trained by
+    epochs of AdamW on the same frozen features at every size (docs/benchmarks.md)."""
+    features, labels, images = _cached_views(job)
+    job.progress.phase(pb.JOB_PHASE_TRAINING, f"fitting the head on {len(features)} cached views (logistic regression, L-BFGS)")
+    probe = strategies.fit_linear_probe(features.to(job.device), labels, len(job.class_names), seed=job.config.seed, groups=images)
+    strategies.set_head(job.built, probe.weight, probe.bias)
+    job.progress.phase(pb.JOB_PHASE_TRAINING, f"head fitted with L2 strength {probe.weight_decay:g} (cross-validated)")
     return finish(job, decision, best_state=None, best_epoch=1, epochs_run=1)
 
 
@@ -786,17 +825,18 @@ def train(job: _Job, decision, state: dict | None, ckpt_path: Path, fingerprint:
             val_loss, val_acc = val.loss, val.top1_accuracy
         val_loss, val_acc = _broadcast([val_loss, val_acc], procs, job.device)
 
-        # Best weights and early stopping. Without a val split every epoch counts
-        # as the best, so the last is kept and nothing stops early.
+        # Best weights and early stopping, under the holdout protocol only: otherwise
+        # (too few val images to choose with) every epoch counts as the best, so the
+        # last is published and nothing stops early.
         metric = val_acc if config.stop_metric == "val_accuracy" else val_loss
         sign = 1.0 if config.stop_metric == "val_accuracy" else -1.0
-        has_val = len(job.val_loader.dataset) > 0
-        if not has_val or best_metric is None or sign * (metric - best_metric) > config.min_delta:
+        selects = job.plan.selects_weights and len(job.val_loader.dataset) > 0
+        if not selects or best_metric is None or sign * (metric - best_metric) > config.min_delta:
             best_metric, best_epoch, bad_epochs = metric, epoch + 1, 0
-            best_state = _changing_state(built.model, changing)
+            best_state = _changing_state(built.model, changing) if selects else None
         else:
             bad_epochs += 1
-        stop = has_val and config.patience > 0 and bad_epochs >= config.patience
+        stop = selects and job.plan.patience > 0 and bad_epochs >= job.plan.patience
         history.append(
             {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
              "val_accuracy": val_acc, "learning_rate": job.head_lr(), "unfrozen_groups": names}

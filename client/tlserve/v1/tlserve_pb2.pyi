@@ -106,6 +106,12 @@ class JobPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_PHASE_EVALUATING: _ClassVar[JobPhase]
     JOB_PHASE_PUBLISHING: _ClassVar[JobPhase]
 
+class ValidationProtocol(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    VALIDATION_PROTOCOL_UNSPECIFIED: _ClassVar[ValidationProtocol]
+    VALIDATION_PROTOCOL_HOLDOUT: _ClassVar[ValidationProtocol]
+    VALIDATION_PROTOCOL_FIXED_EPOCHS: _ClassVar[ValidationProtocol]
+
 class ArtifactFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ARTIFACT_FORMAT_UNSPECIFIED: _ClassVar[ArtifactFormat]
@@ -167,6 +173,9 @@ JOB_PHASE_CACHING_FEATURES: JobPhase
 JOB_PHASE_TRAINING: JobPhase
 JOB_PHASE_EVALUATING: JobPhase
 JOB_PHASE_PUBLISHING: JobPhase
+VALIDATION_PROTOCOL_UNSPECIFIED: ValidationProtocol
+VALIDATION_PROTOCOL_HOLDOUT: ValidationProtocol
+VALIDATION_PROTOCOL_FIXED_EPOCHS: ValidationProtocol
 ARTIFACT_FORMAT_UNSPECIFIED: ArtifactFormat
 ARTIFACT_FORMAT_ONNX: ArtifactFormat
 ARTIFACT_FORMAT_PYTORCH: ArtifactFormat
@@ -605,20 +614,24 @@ class FineTuneRequest(_message.Message):
     def __init__(self, dataset: _Optional[str] = ..., model_name: _Optional[str] = ..., backbone: _Optional[str] = ..., weights: _Optional[_Union[WeightsSource, _Mapping]] = ..., strategy: _Optional[_Union[Strategy, str]] = ..., trainable_groups: _Optional[int] = ..., training: _Optional[_Union[TrainingOptions, _Mapping]] = ..., augmentation: _Optional[_Union[AugmentationOptions, _Mapping]] = ..., devices: _Optional[int] = ..., seed: _Optional[int] = ..., image_size: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class StrategyDecision(_message.Message):
-    __slots__ = ("strategy", "reason", "images_per_class", "probe_accuracy", "chance_accuracy", "trainable_groups")
+    __slots__ = ("strategy", "reason", "images_per_class", "probe_accuracy", "chance_accuracy", "trainable_groups", "validation_protocol", "validation_reason")
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     IMAGES_PER_CLASS_FIELD_NUMBER: _ClassVar[int]
     PROBE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     CHANCE_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     TRAINABLE_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_REASON_FIELD_NUMBER: _ClassVar[int]
     strategy: Strategy
     reason: str
     images_per_class: float
     probe_accuracy: float
     chance_accuracy: float
     trainable_groups: int
-    def __init__(self, strategy: _Optional[_Union[Strategy, str]] = ..., reason: _Optional[str] = ..., images_per_class: _Optional[float] = ..., probe_accuracy: _Optional[float] = ..., chance_accuracy: _Optional[float] = ..., trainable_groups: _Optional[int] = ...) -> None: ...
+    validation_protocol: ValidationProtocol
+    validation_reason: str
+    def __init__(self, strategy: _Optional[_Union[Strategy, str]] = ..., reason: _Optional[str] = ..., images_per_class: _Optional[float] = ..., probe_accuracy: _Optional[float] = ..., chance_accuracy: _Optional[float] = ..., trainable_groups: _Optional[int] = ..., validation_protocol: _Optional[_Union[ValidationProtocol, str]] = ..., validation_reason: _Optional[str] = ...) -> None: ...
 
 class JobEvent(_message.Message):
     __slots__ = ("job_id", "sequence", "time", "state", "phase", "epoch", "total_epochs", "step", "total_steps", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "learning_rate", "images_per_second", "unfrozen_groups", "eta", "message")
