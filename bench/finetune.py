@@ -19,11 +19,12 @@ Stages, in the order they run (each reads the source model of the first):
    validation, checkpoints or model building (shown apart, as a profile). Each of
    our epochs is paired with a baseline epoch run right next to it (`paired_epochs`),
    the first pair of each fine_tune left out (one-off warm-up on both sides).
-3. `bench_feature_cache`: ten epochs of feature extraction, ours with the feature
-   cache against the plain frozen-backbone loop that decodes and forwards every
+3. `bench_feature_cache`: feature extraction, ours with the feature cache (its
+   head a logistic regression fitted on the cached views: no epochs) against ten
+   epochs of the plain frozen-backbone loop that decodes and forwards every
    image through the whole network every epoch. Wall time of the whole training
-   (ours: model build, cache, ten head epochs with their cached validation and
-   checkpoints; the baseline: model build and ten epochs, no validation at all),
+   (ours: model build, cache, the fitted head and its evaluation; the baseline:
+   model build and ten epochs, no validation at all),
    then test accuracy of both. With the engine's defaults (augmentation off while
    features are cached: 1 view) and again with augmentation on for both sides
    (4 cached views; the loop augments every epoch); the defaults' accuracy is also
@@ -158,6 +159,7 @@ PROFILED = {
     "feature cache": (engine, "build_feature_cache"),
     "train epochs (images)": (engine, "train_one_epoch"),
     "train epochs (cached features)": (engine, "train_head_one_epoch"),
+    "fit the head (cached features)": (engine, "fit_feature_head"),
     "evaluate (whole model)": (engine, "evaluate"),
     "evaluate (head on cache)": (engine, "evaluate_head"),
     "checkpoint save": (checkpoint, "save"),
