@@ -391,3 +391,30 @@ def test_loader_workers_decode_only_for_a_gpu_and_only_for_large_splits():
     assert worker_count(big, "cuda", cpus=4) == 3  # one core left for the training loop
     assert worker_count(big, "cuda", cpus=8, local_processes=2) == 3  # shared by two ranks
     assert worker_count(big, "cuda", cpus=1) == 0
+
+
+# -- augmentation ------------------------------------------------------------------------------
+
+
+def test_training_crops_show_the_scale_and_field_the_eval_view_shows():
+    from PIL import Image
+
+    from service.training import data
+
+    # 256 px resized, 224 px kept by eval: paint the band eval crops away red, the rest green.
+    pre = backbones.Preprocessing(resize_size=256, crop_size=224, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                                  interpolation="bilinear")
+    image = np.zeros((256, 256, 3), dtype=np.uint8)
+    image[..., 0] = 255
+    image[16:240, 16:240] = (0, 255, 0)
+    picture = Image.fromarray(image)
+    eval_view = data.eval_transform(pre)(picture)  # (3, 224, 224)
+    assert eval_view[1].mean() > 0.97  # all green
+    request = pb.FineTuneRequest(backbone="resnet18")
+    config = TrainConfig.from_request(request, num_classes=2, train_images_per_class=10, device_type="cpu")
+    train = data.train_transform(pre, config)
+    torch.manual_seed(0)
+    green = [train(picture)[1].mean().item() for _ in range(50)]
+    # Crops of 80-100 % of the eval crop's area, around it: mostly what eval shows. A crop
+    # of 80-100 % of the raw image would be a quarter red on average.
+    assert min(green) > 0.8 and sum(green) / len(green) > 0.93

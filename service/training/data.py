@@ -93,13 +93,24 @@ def eval_transform(pre: backbones.Preprocessing) -> T.Compose:
 
 
 def train_transform(pre: backbones.Preprocessing, config: TrainConfig) -> T.Compose:
-    """The eval transform when augmentation is off; else random resized crop
-    (scale down to `crop_min_scale` of the area), then whichever of flip, rotation
-    and colour jitter the config turns on, then the same tensor + normalise."""
+    """The eval transform when augmentation is off; else the eval resize and a random
+    resized crop of `crop_min_scale` to 1 times the eval crop's area, then whichever of
+    flip, rotation and colour jitter the config turns on, then the same tensor +
+    normalise."""
     if not config.augment:
         return eval_transform(pre)
     interpolation = _INTERPOLATION[pre.interpolation]
-    steps: list = [T.RandomResizedCrop(pre.crop_size, scale=(config.crop_min_scale, 1.0), interpolation=interpolation, antialias=True)]
+    # The crops are drawn around the eval view's scale: resize as eval does, then crop
+    # between crop_min_scale and all of the area the eval centre crop keeps
+    # ((crop/resize)², 0.77 for 224 of 256). Cropping the raw image down to 80 % of
+    # it instead showed the network its images zoomed out by ~14 % against eval, with
+    # borders eval never shows: on real digits at one image per class that cost 15
+    # points from scratch (51 against 67; the plain loop, resize = crop, scored 62).
+    kept = (pre.crop_size / pre.resize_size) ** 2
+    steps: list = [
+        T.Resize(pre.resize_size, interpolation=interpolation, antialias=True),
+        T.RandomResizedCrop(pre.crop_size, scale=(config.crop_min_scale * kept, kept), interpolation=interpolation, antialias=True),
+    ]
     if config.horizontal_flip:
         steps.append(T.RandomHorizontalFlip())
     if config.rotation_degrees > 0:
