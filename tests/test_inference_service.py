@@ -385,6 +385,10 @@ def test_the_latest_version_serves_and_a_newer_one_takes_over_within_the_latest_
         return pb.PredictRequest(model=pb.ModelRef(name=name, version=version), runtime=pb.RUNTIME_PYTORCH,
                                  images=[encoded(data)])
 
+    # A long TTL first: the test must not depend on publishing within the default second
+    # (a loaded machine took longer, and "latest" moved on early).
+    monkeypatch.setattr(inference_service, "LATEST_TTL_SECONDS", 600.0)
+
     async def body(service):
         answered = [(await service.predict(ask())).model.version]
         second = publish_copy(world.models, world.artifacts, world.model, name=name)
