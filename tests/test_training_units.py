@@ -301,7 +301,8 @@ def test_probe_is_leave_one_out_nearest_mean():
 @pytest.mark.parametrize(
     "per_class, probe, expected, groups",
     [
-        (1, math.nan, pb.STRATEGY_FULL, 5),
+        (1, math.nan, pb.STRATEGY_PARTIAL, 3),  # 4 images in all: the top half alone
+        (2, 0.9, pb.STRATEGY_FULL, 5),
         (3, 0.9, pb.STRATEGY_FULL, 5),
         (50, 0.9, pb.STRATEGY_FULL, 5),  # small: the probe does not decide
         (50, 0.1, pb.STRATEGY_FULL, 5),
