@@ -114,15 +114,8 @@ def run_job(tl, request: pb.FineTuneRequest) -> pb.Model:
 
 
 def wait_for(tl, job: pb.Job, request: pb.FineTuneRequest) -> pb.Model:
-    deadline = time.monotonic() + 3600
-    while job.state not in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"job {job.id} did not finish in an hour")
-        time.sleep(0.2)
-        job = tl.get_job(job.id)
-    if job.state != pb.JOB_STATE_SUCCEEDED:
-        raise RuntimeError(f"job {job.id} ({request.model_name}) failed: {job.error}")
-    return tl.get_model(job.model.name, version=job.model.version)
+    ref = common.wait_for_model(tl, job, request.model_name)
+    return tl.get_model(ref.name, version=ref.version)
 
 
 def request_for(settings: Settings, dataset: str, model_name: str, seed: int) -> pb.FineTuneRequest:

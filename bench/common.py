@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -34,3 +35,19 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown"
+
+
+def wait_for_model(tl, job, what: str, timeout: float = 3600):
+    """Polls a FineTune job until it ends: its published ModelRef, or RuntimeError
+    naming `what` and the job's error."""
+    from client.tlserve.v1 import tlserve_pb2 as pb
+
+    deadline = time.monotonic() + timeout
+    while job.state not in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"fine-tune of {what} did not finish: {job}")
+        time.sleep(0.2)
+        job = tl.get_job(job.id)
+    if job.state != pb.JOB_STATE_SUCCEEDED:
+        raise RuntimeError(f"fine-tune of {what} failed: {job.error}")
+    return job.model

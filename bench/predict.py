@@ -119,18 +119,6 @@ def start_server(home: Path, data_root: Path, *extra: str):
     return ServerProcess(home, "--data-root", str(data_root), "--log-level", "warning", *extra).start()
 
 
-def wait_for_model(tl, job: pb.Job, what: str) -> pb.ModelRef:
-    deadline = time.monotonic() + 1800
-    while job.state not in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"fine-tune of {what} did not finish: {job}")
-        time.sleep(0.5)
-        job = tl.get_job(job.id)
-    if job.state != pb.JOB_STATE_SUCCEEDED:
-        raise RuntimeError(f"fine-tune of {what} failed: {job.error}")
-    return job.model
-
-
 def export_all(tl, ref: pb.ModelRef) -> dict[int, pb.ModelArtifact | str]:
     """Each precision's artifact, or, where ExportModel refused to publish it (its parity
     or accuracy check failed: FAILED_PRECONDITION), the server's reason."""
@@ -161,7 +149,7 @@ def make_model(tl, backbone: str, settings: Settings, data_root: Path) -> tuple[
         weights=pb.WeightsSource(scratch=pb.WeightsSource.Scratch()), strategy=pb.STRATEGY_FEATURE_EXTRACTION,
         image_size=settings.image_size, seed=1, training=pb.TrainingOptions(epochs=3, batch_size=16),
     )
-    ref = wait_for_model(tl, tl.fine_tune(request), backbone)
+    ref = common.wait_for_model(tl, tl.fine_tune(request), backbone)
     artifacts = export_all(tl, ref)
     return tl.get_model(ref), artifacts
 
@@ -193,7 +181,7 @@ def make_accuracy_model(tl, backbone: str, data_root: Path, epochs: int) -> tupl
         weights=pb.WeightsSource(scratch=pb.WeightsSource.Scratch()), strategy=pb.STRATEGY_FULL,
         image_size=32, seed=1, training=training, augmentation=pb.AugmentationOptions(enabled=False),
     )
-    ref = wait_for_model(tl, tl.fine_tune(request), f"{backbone} at 32 px")
+    ref = common.wait_for_model(tl, tl.fine_tune(request), f"{backbone} at 32 px")
     artifacts = export_all(tl, ref)
     return tl.get_model(ref), artifacts
 
