@@ -12,8 +12,8 @@ Two protocols, recorded in the job's decision with the reason:
   the best epoch on val is still published).
 - FIXED_EPOCHS: fewer validation images than that in some class. Such a split
   cannot choose weights: with 2 images per class one image is 50 points of
-  accuracy, and the epoch it picks is noise (a from-scratch job once published its
-  epoch 1 of 30 because 4 of 10 val images were right then; on real digits at 3 per
+  accuracy, and the epoch it picks is noise (a from-scratch job asked for 30 epochs
+  stopped at 6 and published epoch 1, when 4 of 10 val images were right; on real digits at 3 per
   class, giving the val images back and publishing the last epoch moved full
   fine-tuning from 31.9 % to 61.3 % before any recipe changed). Every asked
   epoch runs and the last epoch is published; a val split that tlserve drew from
