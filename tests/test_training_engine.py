@@ -76,6 +76,9 @@ def config_for(strategy: int, *, epochs: int = 3, lr: float = 0.01, augment: boo
     request = pb.FineTuneRequest(backbone="resnet18", strategy=strategy, image_size=32, seed=5)
     t = request.training
     t.epochs, t.batch_size, t.learning_rate, t.cache_features, t.head_dropout = epochs, 4, lr, cache, 0.1
+    # Random weights stand in for trained ones here; their BatchNorm statistics
+    # (mean 0, variance 1) are nothing to keep, whatever the batch of 4 would get.
+    t.batchnorm_statistics = pb.BATCHNORM_STATISTICS_UPDATE
     for name, value in training.items():
         if name == "trainable_groups":
             request.trainable_groups = value
@@ -127,6 +130,18 @@ def test_partial_trains_the_top_group_and_freezes_the_rest_with_their_statistics
     # The trained group's BatchNorm is in train mode: its statistics move.
     assert not torch.equal(before["trunk.layer4.0.bn1.running_mean"], after["trunk.layer4.0.bn1.running_mean"])
     assert result.decision.trainable_groups == 1
+
+
+def test_frozen_batchnorm_statistics_stay_while_the_network_trains(shapes, tmp_path):
+    config = config_for(pb.STRATEGY_FULL, epochs=1, batchnorm_statistics=pb.BATCHNORM_STATISTICS_FROZEN)
+    before = initial_state(config)
+    after = run(config, shapes, tmp_path).state_dict
+    statistics = [k for k in before if "running_" in k or "num_batches_tracked" in k]
+    assert len(statistics) == 3 * 20  # resnet18: 20 BatchNorms
+    assert all(torch.equal(before[k], after[k]) for k in statistics), "a frozen BatchNorm statistic moved"
+    # Their scale and shift train, as does every convolution.
+    for key in ("trunk.bn1.weight", "trunk.layer1.0.bn1.bias", "trunk.conv1.weight", "trunk.layer4.1.conv2.weight"):
+        assert not torch.equal(before[key], after[key]), key
 
 
 @pytest.mark.parametrize(

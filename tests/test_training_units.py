@@ -117,6 +117,38 @@ def test_default_batch_gives_a_few_steps_on_a_tiny_dataset():
     assert _config(num_classes=10, train_images_per_class=500).batch_size == 32
 
 
+def test_batchnorm_statistics_are_frozen_only_for_tiny_steps_from_trained_weights():
+    def resolved(per_class: float, *, classes: int = 3, scratch: bool = False, devices: int = 0, batch: int = 0,
+                 strategy: int = pb.STRATEGY_FULL):
+        request = pb.FineTuneRequest(backbone="resnet18", strategy=strategy, devices=devices)
+        if scratch:
+            request.weights.scratch.SetInParent()
+        if batch:
+            request.training.batch_size = batch
+        return _config(request, num_classes=classes, train_images_per_class=per_class).batchnorm_statistics
+
+    # A step sees the whole training set when it is smaller than the batch: 3 or 6 images.
+    assert resolved(1) == "frozen" and resolved(2) == "frozen"
+    assert resolved(3) == "update"  # 9 images: batch 8
+    assert resolved(3, scratch=True) == "update" and resolved(1, scratch=True) == "update"  # nothing to keep
+    assert resolved(100, batch=4) == "frozen"
+    # Partial and progressive keep their lower groups frozen, statistics and all, and update the rest.
+    assert resolved(1, strategy=pb.STRATEGY_PARTIAL) == "update"
+    assert resolved(1, strategy=pb.STRATEGY_PROGRESSIVE_UNFREEZING) == "update"
+    assert resolved(100, batch=16, devices=2) == "update"  # 8 per process
+    assert resolved(100, batch=14, devices=2) == "frozen" and resolved(100, batch=32, devices=2) == "update"
+    # The caller's choice wins either way and survives the round trip.
+    request = pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_FULL)
+    request.training.batchnorm_statistics = pb.BATCHNORM_STATISTICS_UPDATE
+    config = _config(request, num_classes=3, train_images_per_class=1)
+    assert config.batchnorm_statistics == "update"
+    assert config.to_request().training.batchnorm_statistics == pb.BATCHNORM_STATISTICS_UPDATE
+    # AUTO's choice gets that strategy's default.
+    auto = _config(pb.FineTuneRequest(backbone="resnet18"), num_classes=5, train_images_per_class=1)
+    assert auto.resolved(pb.STRATEGY_FULL, 5).to_request().training.batchnorm_statistics == pb.BATCHNORM_STATISTICS_FROZEN
+    assert auto.resolved(pb.STRATEGY_PARTIAL, 3).batchnorm_statistics == "update"
+
+
 def test_to_request_round_trips_with_defaults_filled():
     config = _config(pb.FineTuneRequest(backbone="resnet18", dataset="ds", model_name="m", strategy=pb.STRATEGY_PARTIAL))
     request = config.to_request()
@@ -145,6 +177,7 @@ def dataclasses_equal_except_request(a: TrainConfig, b: TrainConfig) -> bool:
         ("training.label_smoothing", lambda r: setattr(r.training, "label_smoothing", -0.1)),
         ("training.warmup_epochs", lambda r: (setattr(r.training, "epochs", 3), setattr(r.training, "warmup_epochs", 4.0))),
         ("training.cached_views", lambda r: setattr(r.training, "cached_views", 0)),
+        ("training.batchnorm_statistics", lambda r: setattr(r.training, "batchnorm_statistics", 7)),
         ("training.grad_clip_norm", lambda r: setattr(r.training, "grad_clip_norm", -1.0)),
         ("training.early_stopping.min_delta", lambda r: setattr(r.training.early_stopping, "min_delta", -0.1)),
         ("augmentation.random_crop_min_scale", lambda r: setattr(r.augmentation, "random_crop_min_scale", 0.0)),
@@ -304,6 +337,10 @@ def test_probe_is_leave_one_out_nearest_mean():
         (1, math.nan, pb.STRATEGY_PARTIAL, 3),  # 4 images in all: the top half alone
         (2, 0.9, pb.STRATEGY_FULL, 5),
         (3, 0.9, pb.STRATEGY_FULL, 5),
+        (5.9, 0.9, pb.STRATEGY_FULL, 5),
+        (6, 0.1, pb.STRATEGY_PARTIAL, 3),  # 6 to 14 per class: the top half, whatever the probe says
+        (10, 0.9, pb.STRATEGY_PARTIAL, 3),
+        (15, 0.9, pb.STRATEGY_FULL, 5),
         (50, 0.9, pb.STRATEGY_FULL, 5),  # small: the probe does not decide
         (50, 0.1, pb.STRATEGY_FULL, 5),
         (500, 0.9, pb.STRATEGY_PARTIAL, 3),  # ceil(5 / 2)

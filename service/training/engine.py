@@ -786,6 +786,7 @@ def train(job: _Job, decision, state: dict | None, ckpt_path: Path, fingerprint:
 
     cache: FeatureCache | None = None
     ddp: nn.Module | None = None
+    frozen_batchnorm = config.batchnorm_statistics == "frozen"
     trainable_names: list[str] | None = None
     stop = bool(state and state.get("stopped"))
     for epoch in range(start_epoch, 0 if stop else config.epochs):
@@ -799,14 +800,14 @@ def train(job: _Job, decision, state: dict | None, ckpt_path: Path, fingerprint:
             strategies.freeze(built, trainable)
             trainable_names, ddp = names, None
             job.progress.unfrozen = names
-        strategies.set_train_mode(built, trainable)
+        strategies.set_train_mode(built, trainable, frozen_batchnorm=frozen_batchnorm)
         use_cache = config.cache_features and strategies.backbone_frozen(built, trainable)
         job.progress.start_epoch()
 
         if use_cache:
             if cache is None:
                 cache = build_feature_cache(job)
-            strategies.set_train_mode(built, trainable)
+            strategies.set_train_mode(built, trainable, frozen_batchnorm=frozen_batchnorm)
             train_loss, train_acc = train_head_one_epoch(job, cache, epoch)
         else:
             if procs.distributed and ddp is None:

@@ -88,6 +88,12 @@ class StopMetric(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOP_METRIC_VAL_ACCURACY: _ClassVar[StopMetric]
     STOP_METRIC_VAL_LOSS: _ClassVar[StopMetric]
 
+class BatchNormStatistics(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    BATCHNORM_STATISTICS_UNSPECIFIED: _ClassVar[BatchNormStatistics]
+    BATCHNORM_STATISTICS_UPDATE: _ClassVar[BatchNormStatistics]
+    BATCHNORM_STATISTICS_FROZEN: _ClassVar[BatchNormStatistics]
+
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
@@ -161,6 +167,9 @@ MIXED_PRECISION_BF16: MixedPrecision
 STOP_METRIC_UNSPECIFIED: StopMetric
 STOP_METRIC_VAL_ACCURACY: StopMetric
 STOP_METRIC_VAL_LOSS: StopMetric
+BATCHNORM_STATISTICS_UNSPECIFIED: BatchNormStatistics
+BATCHNORM_STATISTICS_UPDATE: BatchNormStatistics
+BATCHNORM_STATISTICS_FROZEN: BatchNormStatistics
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_RUNNING: JobState
@@ -523,7 +532,7 @@ class EarlyStopping(_message.Message):
     def __init__(self, metric: _Optional[_Union[StopMetric, str]] = ..., patience: _Optional[int] = ..., min_delta: _Optional[float] = ...) -> None: ...
 
 class TrainingOptions(_message.Message):
-    __slots__ = ("epochs", "batch_size", "optimizer", "learning_rate", "layer_lr_decay", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "head_dropout", "grad_clip_norm", "early_stopping", "cache_features", "cached_views", "mixed_precision", "epochs_per_phase")
+    __slots__ = ("epochs", "batch_size", "optimizer", "learning_rate", "layer_lr_decay", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "head_dropout", "grad_clip_norm", "early_stopping", "cache_features", "cached_views", "mixed_precision", "epochs_per_phase", "batchnorm_statistics")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
@@ -542,6 +551,7 @@ class TrainingOptions(_message.Message):
     CACHED_VIEWS_FIELD_NUMBER: _ClassVar[int]
     MIXED_PRECISION_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_PER_PHASE_FIELD_NUMBER: _ClassVar[int]
+    BATCHNORM_STATISTICS_FIELD_NUMBER: _ClassVar[int]
     epochs: int
     batch_size: int
     optimizer: Optimizer
@@ -560,7 +570,8 @@ class TrainingOptions(_message.Message):
     cached_views: int
     mixed_precision: MixedPrecision
     epochs_per_phase: int
-    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., learning_rate: _Optional[float] = ..., layer_lr_decay: _Optional[float] = ..., momentum: _Optional[float] = ..., nesterov: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., schedule: _Optional[_Union[LrSchedule, str]] = ..., warmup_epochs: _Optional[float] = ..., label_smoothing: _Optional[float] = ..., head_dropout: _Optional[float] = ..., grad_clip_norm: _Optional[float] = ..., early_stopping: _Optional[_Union[EarlyStopping, _Mapping]] = ..., cache_features: _Optional[bool] = ..., cached_views: _Optional[int] = ..., mixed_precision: _Optional[_Union[MixedPrecision, str]] = ..., epochs_per_phase: _Optional[int] = ...) -> None: ...
+    batchnorm_statistics: BatchNormStatistics
+    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., learning_rate: _Optional[float] = ..., layer_lr_decay: _Optional[float] = ..., momentum: _Optional[float] = ..., nesterov: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., schedule: _Optional[_Union[LrSchedule, str]] = ..., warmup_epochs: _Optional[float] = ..., label_smoothing: _Optional[float] = ..., head_dropout: _Optional[float] = ..., grad_clip_norm: _Optional[float] = ..., early_stopping: _Optional[_Union[EarlyStopping, _Mapping]] = ..., cache_features: _Optional[bool] = ..., cached_views: _Optional[int] = ..., mixed_precision: _Optional[_Union[MixedPrecision, str]] = ..., epochs_per_phase: _Optional[int] = ..., batchnorm_statistics: _Optional[_Union[BatchNormStatistics, str]] = ...) -> None: ...
 
 class AugmentationOptions(_message.Message):
     __slots__ = ("enabled", "random_crop_min_scale", "horizontal_flip", "rotation_degrees", "color_jitter")
