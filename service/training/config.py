@@ -39,7 +39,10 @@ augmented views scores 79 (the plain frozen-backbone loop: 74), and the shrunk-
 covariance prototype 82 where plain nearest class mean scored 69.
 
 Everywhere: cosine schedule, weight decay 1e-4, no gradient clipping, momentum
-0.9 (SGD), mixed precision bf16/fp16 on CUDA and fp32 on CPU. Early stopping
+0.9 (SGD), mixed precision bf16/fp16 on CUDA and fp32 on CPU. BatchNorm running
+statistics update as the layers train, except in a full fine-tune of trained
+weights whose steps see fewer than 8 images: it keeps the weights' own
+(`default_batchnorm`; on faces at one image per class 68 → 79). Early stopping
 (patience 5 on validation accuracy) and best-epoch selection run only under the
 holdout validation protocol, which needs enough validation images per class
 (`service.training.protocol`). Batch size: 32, or less for a tiny training set
