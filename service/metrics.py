@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service.config import split_address
+from service.variant import Variant
 
 log = logging.getLogger("tlserve.metrics")
 
@@ -215,9 +216,9 @@ class InferenceMetrics:
         self.queue_capacity.set(queue_capacity)
         self.cache_budget.set(cache_budget_bytes)
 
-    def bind(self, model: str, version: int, variant: str) -> ModelMetrics:
+    def bind(self, model: str, version: int, variant: Variant) -> ModelMetrics:
         """The collectors of one model variant, labels resolved once (the batcher's hot path)."""
-        labels = {"model": model, "version": str(version), "variant": variant}
+        labels = {"model": model, "version": str(version), "variant": variant.key}
         return ModelMetrics(
             self, labels, self.images.labels(**labels), self.batch_size.labels(**labels),
             self.queue_wait.labels(**labels), self.compute.labels(**labels),
@@ -442,7 +443,7 @@ def model_samples(summaries) -> Iterable[Sample]:
         if model.gflops:
             yield MODEL_GFLOPS, version, model.gflops
         for variant, artifact in artifacts:
-            labels = (*version, variant)
+            labels = (*version, variant.key)
             yield MODEL_SIZE, labels, artifact.size_bytes
             if artifact.format == pb.ARTIFACT_FORMAT_PYTORCH:
                 # The PyTorch variant is the trained model itself: its figures are the job's evaluation.
@@ -456,7 +457,7 @@ def model_samples(summaries) -> Iterable[Sample]:
 def profile_samples(profiles) -> Iterable[Sample]:
     """From `ModelStore.all_profiles()`: the latest measurement of each variant."""
     for name, version, variant, profile in profiles:
-        labels = (name, str(version), variant)
+        labels = (name, str(version), variant.key)
         for percentile, seconds in (("50", profile.latency_p50_seconds), ("95", profile.latency_p95_seconds),
                                     ("99", profile.latency_p99_seconds)):
             yield PROFILE_LATENCY, (*labels, percentile), seconds

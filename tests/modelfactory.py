@@ -23,7 +23,8 @@ from service.jobs.worker import publish
 from service.manifest import Manifest
 from service.store.artifacts import ArtifactStore
 from service.store.metadata import MetadataStore
-from service.store.models import PYTORCH_VARIANT, ModelStore, artifact_variant, model_dir
+from service.store.models import ModelStore, model_dir
+from service.variant import Variant
 from service.training.config import TrainConfig
 from service.training.engine import fine_tune
 from service.training.selfcheck import PrintReporter
@@ -96,10 +97,10 @@ def publish_copy(models: ModelStore, artifacts: ArtifactStore, model: pb.Model, 
     if dataset_id is not None:
         copy.lineage.dataset_id = dataset_id
     path = f"{model_dir(copy.name, copy.version)}/model.pt"
-    weights = artifacts.path(models.artifact_path(model.name, model.version, PYTORCH_VARIANT)).read_bytes()
+    weights = artifacts.path(models.artifact_path(model.name, model.version, Variant.PYTORCH)).read_bytes()
     info = artifacts.publish_bytes(weights, path)
     stored = pb.ModelArtifact()
-    stored.CopyFrom([a for a in model.artifacts if artifact_variant(a) == PYTORCH_VARIANT][0])
+    stored.CopyFrom([a for a in model.artifacts if Variant.of_artifact(a).is_pytorch][0])
     stored.model.name, stored.model.version, stored.sha256 = copy.name, copy.version, info.sha256
     models.publish(copy, [(stored, path)])
     return copy.version

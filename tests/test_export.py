@@ -28,7 +28,8 @@ from service.export.service import ExportService
 from service.manifest import Manifest
 from service.store.artifacts import ArtifactStore
 from service.store.metadata import MetadataStore
-from service.store.models import PYTORCH_VARIANT, ModelStore, artifact_variant, model_dir
+from service.store.models import ModelStore, model_dir
+from service.variant import Variant
 from service.training.data import ImageDataset, eval_transform
 from tests.modelfactory import publish_copy, published_model
 
@@ -67,7 +68,7 @@ def manifest(made) -> Manifest:
 @pytest.fixture(scope="module")
 def pytorch(made, models, artifacts) -> backbones.BuiltModel:
     model = made[1]
-    path = artifacts.path(models.artifact_path(model.name, model.version, PYTORCH_VARIANT))
+    path = artifacts.path(models.artifact_path(model.name, model.version, Variant.PYTORCH))
     return backbones.load_published(path, model.backbone, len(model.class_names),
                                     backbones.Preprocessing.from_proto(model.preprocessing))
 
@@ -85,7 +86,7 @@ def fp32(service) -> pb.ModelArtifact:
 
 
 def session_of(artifacts: ArtifactStore, models: ModelStore, artifact: pb.ModelArtifact) -> ort.InferenceSession:
-    path = artifacts.path(models.artifact_path(artifact.model.name, artifact.model.version, artifact_variant(artifact)))
+    path = artifacts.path(models.artifact_path(artifact.model.name, artifact.model.version, Variant.of_artifact(artifact)))
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
@@ -114,7 +115,7 @@ def test_fp32_export_is_published_with_its_proof_and_a_dynamic_batch(fp32, made,
         ("logits", pb.DATA_TYPE_FLOAT32, [-1, 3]), ("embedding", pb.DATA_TYPE_FLOAT32, [-1, 512])]
 
     # The stored file is the one described, and the model lists it.
-    path = models.artifact_path("shapes", 1, "onnx-fp32-float_nchw")
+    path = models.artifact_path("shapes", 1, Variant.onnx("fp32"))
     assert path == f"{model_dir('shapes', 1)}/model-fp32-float_nchw.onnx"
     data = artifacts.path(path).read_bytes()
     assert (len(data), hashlib.sha256(data).hexdigest()) == (fp32.size_bytes, fp32.sha256)
@@ -138,7 +139,7 @@ def test_fp32_logits_match_pytorch_and_the_embedding_is_the_trunk_output(fp32, a
 
 def test_the_onnx_file_describes_itself_in_its_metadata(fp32, artifacts, models, made):
     model = made[1]
-    graph = onnx.load(artifacts.path(models.artifact_path("shapes", 1, "onnx-fp32-float_nchw")))
+    graph = onnx.load(artifacts.path(models.artifact_path("shapes", 1, Variant.onnx("fp32"))))
     meta = {p.key: json.loads(p.value) for p in graph.metadata_props}
     assert meta["tlserve.class_names"] == list(model.class_names)
     assert meta["tlserve.preprocessing"]["crop_size"] == 32
@@ -189,7 +190,7 @@ def test_fp16_and_int8_store_their_accuracy_against_fp32(service, fp32, artifact
         assert artifact.accuracy_delta_points == pytest.approx((accuracy - fp32_accuracy) * 100)
         assert artifact.parity.images_compared > 0 and 0 < artifact.parity.max_abs_logit_diff < 1
         assert artifact.parity.top1_agreement >= 0.8
-    variants = {artifact_variant(a) for a in models.get("shapes", 1).artifacts}
+    variants = {Variant.of_artifact(a).key for a in models.get("shapes", 1).artifacts}
     assert {"onnx-fp16-float_nchw", "onnx-int8-float_nchw"} <= variants
 
 
@@ -198,7 +199,7 @@ def test_int8_graph_is_quantized_per_channel_in_qdq_form(service, artifacts, mod
         model=ref(), precision=pb.PRECISION_INT8, input_format=pb.INPUT_FORMAT_UINT8_NHWC,
         calibration=pb.CalibrationOptions(image_count=16, method=pb.CalibrationOptions.METHOD_MINMAX),
     ))
-    graph = onnx.load(artifacts.path(models.artifact_path("shapes", 1, artifact_variant(artifact))))
+    graph = onnx.load(artifacts.path(models.artifact_path("shapes", 1, Variant.of_artifact(artifact))))
     ops = [n.op_type for n in graph.graph.node]
     assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
     weight_scales = {i.name: i for i in graph.graph.initializer}
@@ -224,7 +225,7 @@ def test_a_variant_losing_more_than_max_accuracy_drop_is_refused_and_nothing_is_
                                     max_accuracy_drop_points=100)
     published = service.export(request)  # within its limit: published, its loss recorded
     assert published.accuracy_delta_points == pytest.approx(-25.0)
-    before = {artifact_variant(a): a.sha256 for a in models.get("shapes", 1).artifacts}
+    before = {Variant.of_artifact(a).key: a.sha256 for a in models.get("shapes", 1).artifacts}
     files = sorted(p.name for p in artifacts.path(model_dir("shapes", 1)).iterdir())
 
     request.max_accuracy_drop_points = -published.accuracy_delta_points / 2
@@ -234,13 +235,13 @@ def test_a_variant_losing_more_than_max_accuracy_drop_is_refused_and_nothing_is_
     assert f"loses {-published.accuracy_delta_points:.2f} points of test top-1 accuracy" in message
     assert f"max_accuracy_drop_points {request.max_accuracy_drop_points:g}" in message
     assert "nothing was published" in message and "calibration settings" in message
-    assert {artifact_variant(a): a.sha256 for a in models.get("shapes", 1).artifacts} == before
+    assert {Variant.of_artifact(a).key: a.sha256 for a in models.get("shapes", 1).artifacts} == before
     assert sorted(p.name for p in artifacts.path(model_dir("shapes", 1)).iterdir()) == files
 
 
 def stored_state(models: ModelStore, artifacts: ArtifactStore) -> tuple[dict[str, str], list[tuple[str, bytes]]]:
     """The model's artifact records and its directory's files, to check a refusal changed neither."""
-    records = {artifact_variant(a): a.sha256 for a in models.get("shapes", 1).artifacts}
+    records = {Variant.of_artifact(a).key: a.sha256 for a in models.get("shapes", 1).artifacts}
     files = sorted((p.name, p.read_bytes()) for p in artifacts.path(model_dir("shapes", 1)).iterdir())
     return records, files
 
@@ -291,7 +292,7 @@ def test_a_graph_with_its_batch_frozen_at_one_is_refused(service, fp32, models, 
 def test_reexporting_a_variant_replaces_it(service, models):
     first = service.export(pb.ExportModelRequest(model=ref(1), precision=pb.PRECISION_FP16))
     second = service.export(pb.ExportModelRequest(model=ref(1), precision=pb.PRECISION_FP16, include_embedding=True))
-    stored = [a for a in models.get("shapes", 1).artifacts if artifact_variant(a) == "onnx-fp16-float_nchw"]
+    stored = [a for a in models.get("shapes", 1).artifacts if Variant.of_artifact(a) == Variant.onnx("fp16")]
     assert stored == [second] and second.has_embedding and second.sha256 != first.sha256
 
 
@@ -390,7 +391,7 @@ def test_a_model_whose_dataset_was_deleted_cannot_be_exported(service, models, a
     try:
         with pytest.raises(FailedPrecondition, match="ds-deleted.*no longer exists"):
             service.export(pb.ExportModelRequest(model=ref(version)))
-        assert [artifact_variant(a) for a in models.get("shapes", version).artifacts] == [PYTORCH_VARIANT]
+        assert [Variant.of_artifact(a) for a in models.get("shapes", version).artifacts] == [Variant.PYTORCH]
     finally:
         models.delete(ref(version), all_versions=False)
 
@@ -434,7 +435,7 @@ def test_a_started_download_survives_its_file_being_replaced(service, fp32, mode
     stream = service.download(pb.DownloadModelRequest(model=ref(), chunk_size_bytes=4 << 20))
     first = next(stream)
     # A re-export publishes over the same name (write, then atomic rename); so does this.
-    path = models.artifact_path("shapes", 1, "onnx-fp32-float_nchw")
+    path = models.artifact_path("shapes", 1, Variant.onnx("fp32"))
     original = artifacts.path(path).read_bytes()
     artifacts.publish_bytes(b"another export", path)
     try:

@@ -27,13 +27,14 @@ from service.inference.sessions import LanedSession
 from service.store.artifacts import ArtifactStore
 from service.store.metadata import MetadataStore
 from service.store.models import ModelStore, model_dir
+from service.variant import Variant
 from service.training.data import eval_transform
 from tests.modelfactory import publish_copy, published_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")
 
-FLOAT = "onnx-fp32-float_nchw"
-UINT8 = "onnx-fp32-uint8_nhwc"
+FLOAT = Variant.onnx("fp32")
+UINT8 = Variant.onnx("fp32", "uint8_nhwc")
 
 
 class _Graph(nn.Module):
@@ -55,7 +56,7 @@ class _Graph(nn.Module):
 
 
 def load_built(models: ModelStore, artifacts: ArtifactStore, model: pb.Model) -> backbones.BuiltModel:
-    path = artifacts.path(models.artifact_path(model.name, model.version, "pytorch"))
+    path = artifacts.path(models.artifact_path(model.name, model.version, Variant.PYTORCH))
     return backbones.load_published(path, model.backbone, len(model.class_names),
                                     backbones.Preprocessing.from_proto(model.preprocessing))
 
@@ -267,7 +268,7 @@ def test_infer_takes_prepared_inputs_of_either_layout_and_checks_them(world):
                                                   r"float32 \(-1, 3, 32, 32\).*got uint8 \(5, 32, 32, 3\)"):
             await service.infer("shapes", 1, FLOAT, pixels)
         with pytest.raises(NotFound, match="has no onnx-int8-float_nchw artifact"):
-            await service.infer("shapes", 1, "onnx-int8-float_nchw", normalised)
+            await service.infer("shapes", 1, Variant.onnx("int8"), normalised)
         return by_float, by_pixels, model
 
     by_float, by_pixels, model = serve(world, body)
@@ -322,7 +323,7 @@ def test_bad_requests_are_refused_with_what_to_fix(world):
     assert errors("", "", "", "invalid_argument") == 4  # before a model was resolved: no model labels
     assert errors("", "", "", "not_found") == 1
     assert errors("", "", "", "deadline_exceeded") == 1
-    assert errors("shapes", "1", FLOAT, "invalid_argument") == 2
+    assert errors("shapes", "1", FLOAT.key, "invalid_argument") == 2
     assert errors("shapes", "1", "onnx-fp16-float_nchw", "failed_precondition") == 1
 
 
@@ -334,13 +335,13 @@ def test_choose_variant_prefers_float_nchw_then_uint8_nhwc_unless_a_layout_is_na
     onnx, fp16, nchw, nhwc = pb.ARTIFACT_FORMAT_ONNX, pb.PRECISION_FP16, pb.INPUT_FORMAT_FLOAT_NCHW, pb.INPUT_FORMAT_UINT8_NHWC
     svc = world.service()
     both = model_with((onnx, fp16, nhwc), (onnx, fp16, nchw))
-    assert svc.choose_variant(both, 0, pb.PRECISION_FP16) == "onnx-fp16-float_nchw"
-    assert svc.choose_variant(model_with((onnx, fp16, nhwc)), pb.RUNTIME_ONNX, fp16) == "onnx-fp16-uint8_nhwc"
+    assert svc.choose_variant(both, 0, pb.PRECISION_FP16) == Variant.onnx("fp16")
+    assert svc.choose_variant(model_with((onnx, fp16, nhwc)), pb.RUNTIME_ONNX, fp16) == Variant.onnx("fp16", "uint8_nhwc")
     with pytest.raises(FailedPrecondition, match=r"model m:2 has no ONNX fp32 export: run ExportModel "
                                                  r"\(tlserve export m:2 --precision fp32\)$"):
         svc.choose_variant(both, 0, 0)
-    assert svc.choose_variant(both, pb.RUNTIME_ONNX, fp16, "uint8_nhwc") == "onnx-fp16-uint8_nhwc"
-    assert svc.choose_variant(both, pb.RUNTIME_ONNX, fp16, "float_nchw") == "onnx-fp16-float_nchw"
+    assert svc.choose_variant(both, pb.RUNTIME_ONNX, fp16, "uint8_nhwc") == Variant.onnx("fp16", "uint8_nhwc")
+    assert svc.choose_variant(both, pb.RUNTIME_ONNX, fp16, "float_nchw") == Variant.onnx("fp16")
     with pytest.raises(FailedPrecondition, match=r"model m:2 has no ONNX fp16 export taking uint8 NHWC pixels: run "
                                                  r"ExportModel \(tlserve export m:2 --precision fp16 --input-format "
                                                  r"uint8_nhwc\)$"):
@@ -350,20 +351,20 @@ def test_choose_variant_prefers_float_nchw_then_uint8_nhwc_unless_a_layout_is_na
     torch_only = model_with((pb.ARTIFACT_FORMAT_PYTORCH, pb.PRECISION_FP32, nchw))
     with pytest.raises(FailedPrecondition, match="or predict with runtime PYTORCH"):
         svc.choose_variant(torch_only, 0, 0)
-    assert svc.choose_variant(torch_only, pb.RUNTIME_PYTORCH, 0) == "pytorch"
+    assert svc.choose_variant(torch_only, pb.RUNTIME_PYTORCH, 0) == Variant.PYTORCH
     asyncio.run(svc.close())
 
 
 def test_target_resolves_from_the_cached_record_and_reads_it_again_for_a_variant_it_lacks(world):
     async def body(service):
         model, variant = await service.target("shapes", 0, pb.RUNTIME_ONNX, pb.PRECISION_FP32)
-        assert (model.name, model.version, variant) == ("shapes", world.model.version, "onnx-fp32-float_nchw")
+        assert (model.name, model.version, variant) == ("shapes", world.model.version, FLOAT)
         # A record read before the uint8 NHWC export was published (by another replica, say).
         key = ("shapes", world.model.version)
         stale = [a for a in world.model.artifacts if a.input_format != pb.INPUT_FORMAT_UINT8_NHWC]
         service._records[key] = _ModelRecord(pb.Model(name="shapes", version=key[1], artifacts=stale), {})
         _, variant = await service.target("shapes", key[1], pb.RUNTIME_ONNX, pb.PRECISION_FP32, "uint8_nhwc")
-        assert variant == "onnx-fp32-uint8_nhwc"
+        assert variant == UINT8
         stored = world.models.get("shapes", key[1]).artifacts
         assert len(service._records[key].model.artifacts) == len(stored) > len(stale)  # read again
         with pytest.raises(FailedPrecondition, match="int8"):  # in neither record
@@ -469,14 +470,14 @@ def test_the_cache_unloads_the_least_recently_used_model_to_stay_within_budget(w
         await service.ensure_loaded("shapes", 1, FLOAT)
         await service.ensure_loaded("shapes", 1, UINT8)
         await service.ensure_loaded("shapes", 1, FLOAT)  # now the most recently used
-        await service.ensure_loaded("shapes", 1, "pytorch")  # 300 MiB > 250: the LRU (UINT8) goes
+        await service.ensure_loaded("shapes", 1, Variant.PYTORCH)  # 300 MiB > 250: the LRU (UINT8) goes
         await service.unloaded()
-        ready = {v: service.is_ready("shapes", 1, v) for v in (FLOAT, UINT8, "pytorch")}
+        ready = {v: service.is_ready("shapes", 1, v) for v in (FLOAT, UINT8, Variant.PYTORCH)}
         return ready, registry.get_sample_value("tlserve_inference_loaded_models")
 
     registry = prometheus_client.CollectorRegistry()
     ready, gauge = serve(world, body, registry, model_cache_bytes=250 * 2**20)
-    assert ready == {FLOAT: True, UINT8: False, "pytorch": True}
+    assert ready == {FLOAT: True, UINT8: False, Variant.PYTORCH: True}
     assert gauge == 2
 
 
@@ -519,7 +520,7 @@ def test_loading_and_unloading_twenty_times_does_not_grow_resident_memory(world,
 
 
 def test_predict_records_prometheus_metrics_per_model_variant(world):
-    labels = {"model": "shapes", "version": "1", "variant": FLOAT}
+    labels = {"model": "shapes", "version": "1", "variant": FLOAT.key}
     registry = prometheus_client.CollectorRegistry()
 
     def value(name: str, **extra) -> float | None:
@@ -546,7 +547,7 @@ def test_predict_records_prometheus_metrics_per_model_variant(world):
 
 def test_calls_in_flight_are_counted_per_variant_until_they_answer_or_fail(world):
     registry = prometheus_client.CollectorRegistry()
-    labels = {"model": "shapes", "version": "1", "variant": FLOAT}
+    labels = {"model": "shapes", "version": "1", "variant": FLOAT.key}
 
     def in_flight() -> float | None:
         return registry.get_sample_value("tlserve_predict_requests_in_flight", labels)

@@ -21,6 +21,7 @@ from service.inference import cache, preprocess
 from service.inference.batcher import DynamicBatcher
 from service.inference.service import concurrent_batches, softmax, top_k
 from service.inference.stats import ModelStatistics
+from service.variant import Variant
 from service.training.data import eval_transform
 
 # -- the batcher ----------------------------------------------------------------------
@@ -521,7 +522,7 @@ def test_a_caller_cancelled_while_its_batch_computes_does_not_disturb_the_others
 
 def test_statistics_count_images_batches_and_per_batch_size_times(pool):
     model = FakeModel()
-    stats = ModelStatistics("m", 1, "onnx-fp32-float_nchw")
+    stats = ModelStatistics("m", 1, Variant.onnx("fp32"))
 
     async def main():
         b = batcher_for(model, pool, stats=stats)

@@ -10,7 +10,7 @@ from client.tlserve.v1 import tlserve_pb2 as pb
 from service.errors import InvalidArgument, NotFound
 from service.store import ArtifactStore, MetadataStore
 from service.store.jobs import JobStore
-from service.store.models import ModelStore, artifact_variant, model_dir
+from service.store.models import ModelStore, model_dir
 
 
 @pytest.fixture
@@ -153,9 +153,3 @@ def test_delete_needs_a_version_or_all_versions_and_removes_files(models, tmp_pa
     with pytest.raises(NotFound):
         models.get("m")
     assert not (tmp_path / "artifacts" / "models" / "m" / "2").exists()
-
-
-def test_artifact_variant_names():
-    assert artifact_variant(pb.ModelArtifact(format=pb.ARTIFACT_FORMAT_PYTORCH)) == "pytorch"
-    onnx = pb.ModelArtifact(format=pb.ARTIFACT_FORMAT_ONNX, precision=pb.PRECISION_INT8)
-    assert artifact_variant(onnx) == "onnx-int8-float_nchw"

@@ -25,7 +25,9 @@ from client.tlserve.v1 import tlserve_pb2 as pb
 from service.api import kserve
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.inference.stats import BatchStats, Duration, ModelStatistics
-from service.store.models import ONNX_LAYOUTS, artifact_variant
+from service.variant import LAYOUTS, Variant
+
+V = Variant.parse
 
 CLASSES = ["circle", "square", "triangle"]
 
@@ -101,15 +103,15 @@ class FakeInference:
     def choose_variant(self, model, runtime, precision, layout=None):
         """As the service chooses: the float NCHW export, else the uint8 NHWC one, or `layout` only."""
         if runtime == pb.RUNTIME_PYTORCH:
-            wanted = ["pytorch"]
+            wanted = [Variant.PYTORCH]
         else:
-            layouts = [layout] if layout else ONNX_LAYOUTS
-            wanted = [f"onnx-{_PRECISIONS[precision]}-{x}" for x in layouts]
-        have = {artifact_variant(a) for a in model.artifacts}
+            layouts = [layout] if layout else LAYOUTS
+            wanted = [Variant.onnx(_PRECISIONS[precision], x) for x in layouts]
+        have = {Variant.of_artifact(a) for a in model.artifacts}
         for variant in wanted:
             if variant in have:
                 return variant
-        raise FailedPrecondition(f"model {model.name} version {model.version} has no {' or '.join(wanted)} export")
+        raise FailedPrecondition(f"model {model.name} version {model.version} has no {' or '.join(map(str, wanted))} export")
 
     def is_ready(self, name, version, variant):
         return (name, version, variant) in self.loaded
@@ -225,11 +227,11 @@ def test_bad_model_names_and_versions_are_invalid_arguments_that_say_what_is_val
 
 
 def test_variant_keys_map_back_to_protocol_names():
-    assert kserve.protocol_names("m", "onnx-fp32-float_nchw") == ("m",)
-    assert kserve.protocol_names("m", "onnx-fp32-uint8_nhwc") == ("m", "m@nhwc")
-    assert kserve.protocol_names("m", "onnx-fp16-float_nchw") == ("m@fp16",)
-    assert kserve.protocol_names("m", "onnx-int8-uint8_nhwc") == ("m@int8", "m@int8-nhwc")
-    assert kserve.protocol_names("m", "pytorch") == ("m@pytorch",)
+    assert kserve.protocol_names("m", V("onnx-fp32-float_nchw")) == ("m",)
+    assert kserve.protocol_names("m", V("onnx-fp32-uint8_nhwc")) == ("m", "m@nhwc")
+    assert kserve.protocol_names("m", V("onnx-fp16-float_nchw")) == ("m@fp16",)
+    assert kserve.protocol_names("m", V("onnx-int8-uint8_nhwc")) == ("m@int8", "m@int8-nhwc")
+    assert kserve.protocol_names("m", V("pytorch")) == ("m@pytorch",)
     every_export = shapes_model(1, *(artifact(1, p, nhwc=n) for p in _PRECISIONS for n in (False, True)),
                                 artifact(1, pytorch=True))
     for suffix in kserve.SUFFIXES:
@@ -412,7 +414,7 @@ def test_model_metadata_keeps_the_batch_axis_as_minus_one():
 
 def _stats(variant="onnx-fp32-float_nchw", version=1, images=5, last=1_700_000_000_000):
     return ModelStatistics(
-        name="shapes", version=version, variant=variant, last_inference_ms=last, inference_count=images,
+        name="shapes", version=version, variant=V(variant), last_inference_ms=last, inference_count=images,
         execution_count=2, success=Duration(3, 3000), queue=Duration(3, 300), compute_input=Duration(3, 30),
         compute_infer=Duration(3, 2000), compute_output=Duration(3, 20),
         batch_stats={1: BatchStats(1, 10, 400, 5), 4: BatchStats(1, 20, 1600, 15)},
@@ -454,7 +456,7 @@ def test_statistics_of_the_nhwc_name_count_the_uint8_export_alone():
 
 
 def test_statistics_recorded_by_the_batcher_convert_per_request_and_per_batch():
-    stats = ModelStatistics("shapes", 1, "onnx-fp16-float_nchw")
+    stats = ModelStatistics("shapes", 1, V("onnx-fp16-float_nchw"))
     stats.record_batch(images=4, queue_ns=[100, 50], total_ns=[900, 850], input_ns=10, infer_ns=700, output_ns=20,
                        end_unix_ms=1_700_000_000_123)
     stats.record_failure(400)
@@ -533,7 +535,7 @@ def test_model_ready_loads_a_model_and_is_false_for_missing_ones():
     inference = FakeInference()
     s = servicer(inference)
     assert run(s.ModelReady(kpb.ModelReadyRequest(name="shapes@int8"), None)).ready
-    assert inference.loaded == {("shapes", 2, "onnx-int8-uint8_nhwc")}
+    assert inference.loaded == {("shapes", 2, V("onnx-int8-uint8_nhwc"))}
     assert not run(s.ModelReady(kpb.ModelReadyRequest(name="shapes@fp16"), None)).ready  # not exported
     assert not run(s.ModelReady(kpb.ModelReadyRequest(name="shapes@int8", version="1"), None)).ready
     assert not run(s.ModelReady(kpb.ModelReadyRequest(name="nothing"), None)).ready
@@ -559,7 +561,7 @@ def test_model_infer_calls_the_domain_and_answers_raw_outputs():
     request.parameters["binary_data_output"].bool_param = True  # accepted, as from tritonclient
     response = run(servicer(inference).ModelInfer(request, None))
     ((name, version, variant, inputs, deadline),) = inference.calls
-    assert (name, version, variant, deadline) == ("shapes", 2, "onnx-fp32-float_nchw", None)
+    assert (name, version, variant, deadline) == ("shapes", 2, V("onnx-fp32-float_nchw"), None)
     np.testing.assert_array_equal(inputs, x)
     assert (response.model_name, response.model_version, response.id) == ("shapes", "2", "req-1")
     assert [o.name for o in response.outputs] == ["logits", "embedding"]
@@ -585,7 +587,7 @@ def test_nhwc_names_serve_the_uint8_export_of_a_model_exported_both_ways():
     request.raw_input_contents.append(pixels.tobytes())
     response = run(s.ModelInfer(request, None))
     ((name, version, variant, inputs, _),) = inference.calls
-    assert (name, version, variant) == ("shapes", 2, "onnx-fp32-uint8_nhwc")
+    assert (name, version, variant) == ("shapes", 2, V("onnx-fp32-uint8_nhwc"))
     np.testing.assert_array_equal(inputs, pixels)
     assert (response.model_name, response.model_version) == ("shapes@nhwc", "2")
     assert run(s.ModelReady(kpb.ModelReadyRequest(name="shapes@nhwc"), None)).ready

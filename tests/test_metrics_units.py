@@ -27,6 +27,7 @@ from service import metrics
 from service.store import ArtifactStore, MetadataStore
 from service.store.jobs import JobStore
 from service.store.models import ModelStore
+from service.variant import Variant
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -183,9 +184,9 @@ def test_profile_gauges_follow_the_latest_profile_and_vanish_with_the_model(stor
         latency_p95_seconds=0.003, latency_p99_seconds=0.004, batch_size=32, throughput_images_per_second=900.0,
         peak_memory_bytes=50_000_000, test_top1_accuracy=0.9, load_seconds=0.2, time=when,
     )
-    models.put_profile("flowers", 1, "onnx-int8-float_nchw", profile)
+    models.put_profile("flowers", 1, Variant.onnx("int8"), profile)
     profile.latency_p50_seconds = 0.0015  # measured again: replaces the first
-    models.put_profile("flowers", 1, "onnx-int8-float_nchw", profile)
+    models.put_profile("flowers", 1, Variant.onnx("int8"), profile)
     collector.attach(metadata, models, jobs)
     found = samples(collector)
     v = {"model": "flowers", "version": "1", "variant": "onnx-int8-float_nchw"}

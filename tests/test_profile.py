@@ -142,12 +142,13 @@ def test_a_measurement_of_a_version_deleted_meanwhile_is_dropped(tl, made):
     from service.store.artifacts import ArtifactStore
     from service.store.metadata import MetadataStore
     from service.store.models import ModelStore
+    from service.variant import Variant
 
     _, settings, _ = made
     store = ModelStore(MetadataStore(settings.database_path), ArtifactStore(settings.artifacts_dir))
     assert store.profiles("shapes", 1)
     # A measurement for a version that is gone is dropped, not an error.
-    store.put_profile("shapes", 99, "pytorch", pb.VariantProfile(latency_p50_seconds=0.001))
+    store.put_profile("shapes", 99, Variant.PYTORCH, pb.VariantProfile(latency_p50_seconds=0.001))
     assert store.profiles("shapes", 99) == []
 
 

@@ -11,7 +11,8 @@ from client.tlserve.v1 import tlserve_pb2 as pb
 from service.profiling import measure
 from service.store.artifacts import ArtifactStore
 from service.store.metadata import MetadataStore
-from service.store.models import ModelStore, variant_order
+from service.store.models import ModelStore
+from service.variant import Variant
 
 
 def test_percentiles_interpolate_between_ranks_like_numpy():
@@ -83,42 +84,34 @@ def test_peak_memory_falls_back_to_sampling():
     assert peak >= 60 * 1024 * 1024
 
 
-def test_variants_sort_pytorch_first_then_by_precision():
-    variants = ["onnx-int8-float_nchw", "pytorch", "onnx-fp16-float_nchw", "onnx-fp32-uint8_nhwc",
-                "onnx-fp32-float_nchw"]
-    assert sorted(variants, key=variant_order) == [
-        "pytorch", "onnx-fp32-float_nchw", "onnx-fp32-uint8_nhwc", "onnx-fp16-float_nchw", "onnx-int8-float_nchw",
-    ]
-
-
 def test_profiles_are_stored_per_variant_and_go_with_their_model(tmp_path):
     store = ModelStore(MetadataStore(tmp_path / "db.sqlite"), ArtifactStore(tmp_path / "artifacts"))
     store.publish(pb.Model(name="m", version=1, backbone="resnet18", class_names=["a", "b"]), [])
     int8 = pb.Variant(runtime=pb.RUNTIME_ONNX, precision=pb.PRECISION_INT8)
     first = pb.VariantProfile(latency_p50_seconds=0.004, variant=int8)
     first.time.FromSeconds(100)
-    store.put_profile("m", 1, "onnx-int8-float_nchw", first)
+    store.put_profile("m", 1, Variant.onnx("int8"), first)
     second = pb.VariantProfile(latency_p50_seconds=0.009,
                                variant=pb.Variant(runtime=pb.RUNTIME_PYTORCH, precision=pb.PRECISION_FP32))
     second.time.FromSeconds(200)
-    store.put_profile("m", 1, "pytorch", second)
+    store.put_profile("m", 1, Variant.PYTORCH, second)
     replaced = pb.VariantProfile(latency_p50_seconds=0.003, variant=int8)
     replaced.time.FromSeconds(150)
-    store.put_profile("m", 1, "onnx-int8-float_nchw", replaced)
+    store.put_profile("m", 1, Variant.onnx("int8"), replaced)
 
     model = store.get("m")
     assert [v.latency_p50_seconds for v in model.profile.variants] == [0.009, 0.003]
     assert model.profile.time.seconds == 200
     assert (model.profile.model.name, model.profile.model.version) == ("m", 1)
-    assert [(n, v, var) for n, v, var, _ in store.all_profiles()] == [
+    assert [(n, v, var.key) for n, v, var, _ in store.all_profiles()] == [
         ("m", 1, "onnx-int8-float_nchw"), ("m", 1, "pytorch"),
     ]
 
     # The same precision measured through another input layout: the latest one is shown.
     uint8 = pb.VariantProfile(latency_p50_seconds=0.002, variant=int8)
     uint8.time.FromSeconds(300)
-    store.put_profile("m", 1, "onnx-int8-uint8_nhwc", uint8)
-    store.put_profile("m", 1, "onnx-int8-float_nchw", replaced)
+    store.put_profile("m", 1, Variant.onnx("int8", "uint8_nhwc"), uint8)
+    store.put_profile("m", 1, Variant.onnx("int8"), replaced)
     assert [v.latency_p50_seconds for v in store.get("m").profile.variants] == [0.009, 0.002]
 
     store.delete(pb.ModelRef(name="m", version=1), all_versions=False)

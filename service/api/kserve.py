@@ -40,7 +40,8 @@ from client.tlserve.v1 import tlserve_pb2 as pb
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, TLServeError
 from service.inference.sessions import runs_on_cpu
 from service.store import paging
-from service.store.models import PYTORCH_VARIANT, ModelStore, artifact_variant, onnx_parts
+from service.store.models import ModelStore
+from service.variant import Variant
 
 if TYPE_CHECKING:
     from service.inference.service import InferenceService
@@ -113,14 +114,14 @@ def parse_model(name: str, version: str = "", fields: tuple[str, str] = INFER_FI
     return ModelSelector(base, parse_version(version, version_field), runtime, precision, layout)
 
 
-def protocol_names(name: str, variant: str) -> tuple[str, ...]:
-    """Every protocol name that can reach a variant: ("m", "onnx-int8-uint8_nhwc") →
+def protocol_names(name: str, variant: Variant) -> tuple[str, ...]:
+    """Every protocol name that can reach a variant: ("m", ONNX int8 uint8 NHWC) →
     ("m@int8", "m@int8-nhwc"); the first is the one statistics are listed under."""
-    if variant == PYTORCH_VARIANT:
+    if variant.is_pytorch:
         return (f"{name}@pytorch",)
-    precision, layout = onnx_parts(variant)
+    precision = variant.precision
     plain = name if precision == "fp32" else f"{name}@{precision}"
-    if layout != "uint8_nhwc":
+    if not variant.uint8_nhwc:
         return (plain,)
     return plain, (f"{name}@nhwc" if precision == "fp32" else f"{name}@{precision}-nhwc")
 
@@ -278,9 +279,9 @@ def encode_outputs(
 # --- metadata and configuration --------------------------------------------------
 
 
-def find_artifact(model: pb.Model, variant: str) -> pb.ModelArtifact:
+def find_artifact(model: pb.Model, variant: Variant) -> pb.ModelArtifact:
     for artifact in model.artifacts:
-        if artifact_variant(artifact) == variant:
+        if Variant.of_artifact(artifact) == variant:
             return artifact
     raise FailedPrecondition(f"model {model.name} version {model.version} has no {variant} artifact")
 
@@ -411,11 +412,11 @@ class Target:
     """A resolved model variant: what the inference service is called with."""
 
     model: pb.Model
-    variant: str
+    variant: Variant
     artifact: pb.ModelArtifact
 
     @property
-    def key(self) -> tuple[str, int, str]:
+    def key(self) -> tuple[str, int, Variant]:
         return self.model.name, self.model.version, self.variant
 
     @property

@@ -39,7 +39,8 @@ from service.export import onnx_export as ox
 from service.manifest import Manifest
 from service.store.artifacts import ArtifactStore
 from service.store.jobs import now
-from service.store.models import PYTORCH_VARIANT, ModelStore, artifact_variant, model_dir
+from service.store.models import ModelStore, model_dir
+from service.variant import LAYOUT_OF, PRECISION_OF, Variant
 
 log = logging.getLogger("tlserve.export")
 
@@ -55,15 +56,8 @@ MIN_CHUNK_BYTES = 4 << 10  # smaller chunks are all per-message overhead
 MAX_CHUNK_BYTES = 4 << 20  # the gRPC default receive limit of most clients is 4 MiB per message
 _MESSAGE_OVERHEAD_BYTES = 1 << 10
 
-_PRECISIONS = {
-    pb.PRECISION_UNSPECIFIED: "fp32", pb.PRECISION_FP32: "fp32",
-    pb.PRECISION_FP16: "fp16", pb.PRECISION_INT8: "int8",
-}
-_PRECISION_ENUMS = {"fp32": pb.PRECISION_FP32, "fp16": pb.PRECISION_FP16, "int8": pb.PRECISION_INT8}
-_LAYOUTS = {
-    pb.INPUT_FORMAT_UNSPECIFIED: "float_nchw", pb.INPUT_FORMAT_FLOAT_NCHW: "float_nchw",
-    pb.INPUT_FORMAT_UINT8_NHWC: "uint8_nhwc",
-}
+_PRECISIONS = PRECISION_OF
+_LAYOUTS = LAYOUT_OF
 _METHODS = {
     pb.CalibrationOptions.METHOD_MINMAX: "minmax",
     pb.CalibrationOptions.METHOD_ENTROPY: "entropy",
@@ -91,6 +85,10 @@ class ExportOptions:
     @property
     def uint8_nhwc(self) -> bool:
         return self.layout == "uint8_nhwc"
+
+    @property
+    def variant(self) -> Variant:
+        return Variant.onnx(self.precision, self.layout)
 
     @classmethod
     def from_request(cls, request: pb.ExportModelRequest) -> ExportOptions:
@@ -154,10 +152,6 @@ def _calibration(options: pb.CalibrationOptions, precision: str) -> ox.Calibrati
     )
 
 
-def artifact_file_name(precision: str, layout: str) -> str:
-    return f"model-{precision}-{layout}.onnx"
-
-
 class ExportService:
     def __init__(self, settings: Settings, models: ModelStore, artifacts: ArtifactStore, *,
                  export_metrics: metrics.ExportMetrics = metrics.EXPORTS) -> None:
@@ -197,7 +191,7 @@ class ExportService:
         what = f"{name}:{version} {options.precision} {options.layout}"
         manifest = self._manifest(model)
         preprocessing = backbones.Preprocessing.from_proto(model.preprocessing)
-        pytorch_path = self._artifacts.path(self._models.artifact_path(name, version, PYTORCH_VARIANT))
+        pytorch_path = self._artifacts.path(self._models.artifact_path(name, version, Variant.PYTORCH))
         built = backbones.load_published(pytorch_path, model.backbone, len(model.class_names), preprocessing)
 
         parity_split, parity_samples = _first_nonempty(manifest, ("val", "test", "train"))
@@ -265,11 +259,10 @@ class ExportService:
                 f"max_accuracy_drop_points {limit:g}; nothing was published; {hint}"
             )
 
-        path = f"{model_dir(name, version)}/{artifact_file_name(options.precision, options.layout)}"
+        path = f"{model_dir(name, version)}/{options.variant.file_name}"
         artifact = pb.ModelArtifact(
             model=pb.ModelRef(name=name, version=version), format=pb.ARTIFACT_FORMAT_ONNX,
-            precision=_PRECISION_ENUMS[options.precision],
-            input_format=pb.INPUT_FORMAT_UINT8_NHWC if options.uint8_nhwc else pb.INPUT_FORMAT_FLOAT_NCHW,
+            precision=options.variant.precision_enum, input_format=options.variant.input_format,
             opset=options.opset, inputs=_tensor_specs(graph.graph.input), outputs=_tensor_specs(graph.graph.output),
             has_embedding=options.include_embedding,
             parity=pb.ParityReport(
@@ -294,7 +287,7 @@ class ExportService:
             parity.max_abs_logit_diff, parity.top1_agreement, parity.images_compared, accuracy_split,
             accuracy, delta_points,
         )
-        return self._stored(name, version, artifact_variant(artifact))
+        return self._stored(name, version, options.variant)
 
     def _manifest(self, model: pb.Model) -> Manifest:
         dataset = model.lineage.dataset_id
@@ -341,9 +334,9 @@ class ExportService:
         n = max(1, len(samples))
         return correct / n, reference_correct / n
 
-    def _stored(self, name: str, version: int, variant: str) -> pb.ModelArtifact:
+    def _stored(self, name: str, version: int, variant: Variant) -> pb.ModelArtifact:
         for artifact, _ in self._models.artifacts(name, version):
-            if artifact_variant(artifact) == variant:
+            if Variant.of_artifact(artifact) == variant:
                 return artifact
         raise NotFound(f"model {name} version {version} was deleted while it was exported")
 
@@ -362,9 +355,9 @@ class ExportService:
         variant = _requested_variant(request)
         name, version = self._models.resolve(request.model)
         with self._publish_lock:
-            found = [(a, p) for a, p in self._models.artifacts(name, version) if artifact_variant(a) == variant]
+            found = [(a, p) for a, p in self._models.artifacts(name, version) if Variant.of_artifact(a) == variant]
             if not found:
-                raise _missing_variant(name, version, request, variant)
+                raise _missing_variant(name, version, variant)
             artifact, path = found[0]
             try:
                 file = open(self._artifacts.path(path), "rb")  # noqa: SIM115 — closed by the stream
@@ -380,7 +373,7 @@ def _stream(artifact: pb.ModelArtifact, file: BinaryIO, chunk_bytes: int) -> Ite
             yield pb.DownloadModelResponse(chunk=chunk)
 
 
-def _requested_variant(request: pb.DownloadModelRequest) -> str:
+def _requested_variant(request: pb.DownloadModelRequest) -> Variant:
     if request.format not in (pb.ARTIFACT_FORMAT_UNSPECIFIED, pb.ARTIFACT_FORMAT_ONNX, pb.ARTIFACT_FORMAT_PYTORCH):
         raise InvalidArgument(f"format {request.format} is not a known ArtifactFormat; use ONNX or PYTORCH")
     if request.precision not in _PRECISIONS:
@@ -395,16 +388,14 @@ def _requested_variant(request: pb.DownloadModelRequest) -> str:
                 "the PYTORCH artifact is FP32 with FLOAT_NCHW input only; leave precision and input_format unset, "
                 "or ask for format ONNX"
             )
-        return PYTORCH_VARIANT
-    return artifact_variant(pb.ModelArtifact(
-        format=pb.ARTIFACT_FORMAT_ONNX, precision=request.precision, input_format=request.input_format,
-    ))
+        return Variant.PYTORCH
+    return Variant.onnx(_PRECISIONS[request.precision], _LAYOUTS[request.input_format])
 
 
-def _missing_variant(name: str, version: int, request: pb.DownloadModelRequest, variant: str) -> Exception:
-    if variant == PYTORCH_VARIANT:
+def _missing_variant(name: str, version: int, variant: Variant) -> Exception:
+    if variant.is_pytorch:
         return NotFound(f"model {name} version {version} has no PyTorch weights artifact")
-    precision, layout = _PRECISIONS[request.precision], _LAYOUTS[request.input_format]
+    precision, layout = variant.precision, variant.layout
     flags = f" --precision {precision}" + (f" --input-format {layout}" if layout != "float_nchw" else "")
     return FailedPrecondition(
         f"model {name} version {version} has no ONNX {precision.upper()} {layout.upper()} export yet; run "

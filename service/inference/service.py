@@ -2,7 +2,7 @@
 
     inference = InferenceService(settings, models, artifacts)
     response = await inference.predict(request, deadline=time.monotonic() + 5)   # pb.PredictResponse
-    outputs = await inference.infer("shapes", 1, "onnx-fp32-float_nchw", x)      # {"logits": (N, C), ...}
+    outputs = await inference.infer("shapes", 1, Variant.onnx("fp32"), x)      # {"logits": (N, C), ...}
 
 A prediction: validate the request → resolve the model ("latest" is looked up at
 most every `LATEST_TTL_SECONDS`; model records are cached until `evict`) → choose
@@ -60,7 +60,8 @@ from service.inference.sessions import (
 )
 from service.inference.stats import ModelStatistics
 from service.store.artifacts import ArtifactStore
-from service.store.models import ONNX_LAYOUTS, PYTORCH_VARIANT, ModelStore, artifact_variant
+from service.store.models import ModelStore
+from service.variant import LAYOUTS, Variant
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ _LAYOUT_WORDS = {"float_nchw": "normalised float NCHW tensors", "uint8_nhwc": "u
 MAX_CONCURRENT_BATCHES_GPU = 2
 MAX_CONCURRENT_BATCHES_CPU = 1
 
-Key = tuple[str, int, str]  # (name, version, variant)
+Key = tuple[str, int, Variant]  # (name, version, variant)
 
 _ERROR_REASONS: tuple[tuple[type[BaseException], str], ...] = (
     (InvalidArgument, "invalid_argument"),
@@ -115,7 +116,7 @@ class LoadedModel:
 
     name: str
     version: int
-    variant: str
+    variant: Variant
     input: TensorInfo  # what `infer` takes: name, numpy dtype, shape with -1 for the batch
     outputs: tuple[TensorInfo, ...]
     memory_bytes: int
@@ -198,7 +199,7 @@ class InferenceService:
             bound = self._bound(key)
             bound.in_flight.inc()  # dec in `finally`
             artifact, _ = record.artifacts[variant]
-            if request.return_embeddings and not (variant == PYTORCH_VARIANT or artifact.has_embedding):
+            if request.return_embeddings and not (variant.is_pytorch or artifact.has_embedding):
                 raise FailedPrecondition(
                     f"model {name}:{version} ({variant}) has no embedding output: export it again with "
                     f"include_embedding (tlserve export {name}:{version} --precision "
@@ -230,7 +231,7 @@ class InferenceService:
 
     async def target(
         self, name: str, version: int, runtime: int, precision: int, layout: str | None = None
-    ) -> tuple[pb.Model, str]:
+    ) -> tuple[pb.Model, Variant]:
         """The model record and the variant that serve `runtime`/`precision`/`layout` (see
         `choose_variant`), resolved as Predict resolves them: from the cache of records
         ("latest", version 0, is asked again after LATEST_TTL_SECONDS; `evict`, on a delete
@@ -240,29 +241,29 @@ class InferenceService:
         record, variant = await self._variant(name, version, runtime, precision, layout)
         return record.model, variant
 
-    def choose_variant(self, model: pb.Model, runtime: int, precision: int, layout: str | None = None) -> str:
+    def choose_variant(self, model: pb.Model, runtime: int, precision: int, layout: str | None = None) -> Variant:
         """The artifact variant that serves `runtime` at `precision` (0 = ONNX, FP32):
         ONNX prefers the float NCHW graph, else the uint8 NHWC one; `layout`
         ("float_nchw" or "uint8_nhwc") asks for that graph only."""
         runtime, precision = _runtime(runtime), _precision(runtime, precision)
-        if layout is not None and layout not in ONNX_LAYOUTS:
-            raise InvalidArgument(f"input layout {layout!r} is not one of {', '.join(ONNX_LAYOUTS)}")
-        variants = {artifact_variant(a) for a in model.artifacts}
+        if layout is not None and layout not in LAYOUTS:
+            raise InvalidArgument(f"input layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+        variants = {Variant.of_artifact(a) for a in model.artifacts}
         where = f"model {model.name}:{model.version}"
         if runtime == pb.RUNTIME_PYTORCH:
-            if PYTORCH_VARIANT not in variants:
+            if Variant.PYTORCH not in variants:
                 raise FailedPrecondition(f"{where} has no PyTorch artifact: predict with runtime ONNX")
-            return PYTORCH_VARIANT
+            return Variant.PYTORCH
         p = _precision_name(precision)
-        for candidate in (layout,) if layout else ONNX_LAYOUTS:
-            if f"onnx-{p}-{candidate}" in variants:
-                return f"onnx-{p}-{candidate}"
+        for candidate in (layout,) if layout else LAYOUTS:
+            if Variant.onnx(p, candidate) in variants:
+                return Variant.onnx(p, candidate)
         if layout:
             raise FailedPrecondition(
                 f"{where} has no ONNX {p} export taking {_LAYOUT_WORDS[layout]}: run ExportModel "
                 f"(tlserve export {model.name}:{model.version} --precision {p} --input-format {layout})"
             )
-        fallback = ", or predict with runtime PYTORCH" if PYTORCH_VARIANT in variants and p == "fp32" else ""
+        fallback = ", or predict with runtime PYTORCH" if Variant.PYTORCH in variants and p == "fp32" else ""
         raise FailedPrecondition(
             f"{where} has no ONNX {p} export: run ExportModel "
             f"(tlserve export {model.name}:{model.version} --precision {p}){fallback}"
@@ -271,7 +272,7 @@ class InferenceService:
     # -- KServe ----------------------------------------------------------------------
 
     async def infer(
-        self, name: str, version: int, variant: str, inputs: np.ndarray, *, deadline: float | None = None,
+        self, name: str, version: int, variant: Variant, inputs: np.ndarray, *, deadline: float | None = None,
     ) -> dict[str, np.ndarray]:
         """Runs prepared inputs (the variant's input spec with a batch axis) through the
         model's batcher: {"logits": (N, C) float32, "embedding": (N, D) if it has one}."""
@@ -298,7 +299,7 @@ class InferenceService:
 
     # -- models ----------------------------------------------------------------------
 
-    async def ensure_loaded(self, name: str, version: int, variant: str) -> LoadedModel:
+    async def ensure_loaded(self, name: str, version: int, variant: Variant) -> LoadedModel:
         """The loaded model (most recently used now), loading and warming it up first
         if needed; concurrent callers share one load."""
         self._check_open()
@@ -313,10 +314,10 @@ class InferenceService:
         # shield: a caller that is cancelled does not cancel the load others wait for.
         return await asyncio.shield(task)
 
-    def is_ready(self, name: str, version: int, variant: str) -> bool:
+    def is_ready(self, name: str, version: int, variant: Variant) -> bool:
         return self.loaded_model(name, version, variant) is not None
 
-    def loaded_model(self, name: str, version: int, variant: str) -> LoadedModel | None:
+    def loaded_model(self, name: str, version: int, variant: Variant) -> LoadedModel | None:
         """The variant if it is loaded and serving, without counting as a use (the cache's order stays)."""
         model = self._cache.peek((name, version, variant))
         return model if model is not None and model.ready and not model.retired else None
@@ -396,7 +397,7 @@ class InferenceService:
 
     async def _variant(
         self, name: str, version: int, runtime: int, precision: int, layout: str | None = None
-    ) -> tuple[_ModelRecord, str]:
+    ) -> tuple[_ModelRecord, Variant]:
         record = await self._record(name, version)
         wanted = (runtime, precision, layout)
         variant = record.variants.get(wanted)
@@ -414,7 +415,7 @@ class InferenceService:
         if record is None:
             def fetch() -> _ModelRecord:
                 model = self._models.get(name, version)
-                return _ModelRecord(model, {artifact_variant(a): (a, p) for a, p in self._models.artifacts(name, version)})
+                return _ModelRecord(model, {Variant.of_artifact(a): (a, p) for a, p in self._models.artifacts(name, version)})
 
             record = await self._in_pool(fetch)
             self._records[(name, version)] = record
@@ -441,8 +442,7 @@ class InferenceService:
     def _preprocessor(self, key: Key, model: pb.Model) -> Preprocessor:
         prep = self._preprocessors.get(key)
         if prep is None:
-            layout = "uint8_nhwc" if key[2].endswith("uint8_nhwc") else "float_nchw"
-            prep = self._preprocessors[key] = Preprocessor(model.preprocessing, layout)
+            prep = self._preprocessors[key] = Preprocessor(model.preprocessing, key[2].layout)
         return prep
 
     async def _prepare(self, key: Key, model: pb.Model, images) -> np.ndarray:
@@ -490,7 +490,7 @@ class InferenceService:
             if variant not in record.artifacts:
                 record = await self._record(name, version, refresh=True)
             if variant not in record.artifacts:
-                have = ", ".join(sorted(record.artifacts)) or "none"
+                have = ", ".join(sorted(v.key for v in record.artifacts)) or "none"
                 raise NotFound(f"model {name}:{version} has no {variant} artifact (it has: {have})")
             artifact, relpath = record.artifacts[variant]
             path = self._artifacts.path(relpath)
@@ -533,7 +533,7 @@ class InferenceService:
                 seconds = time.perf_counter() - t0
                 bound.observe_load(seconds)
                 log.info("model loaded", extra={"fields": {
-                    "model": name, "version": version, "variant": variant, "memory_bytes": memory,
+                    "model": name, "version": version, "variant": variant.key, "memory_bytes": memory,
                     "providers": list(session.providers), "seconds": round(seconds, 3),
                     "spin_between_runs": getattr(session, "spin_between_runs", None),
                     "cpu_lanes": getattr(session, "lanes", 1),
@@ -545,7 +545,7 @@ class InferenceService:
             if self._loading.get(key) is asyncio.current_task():
                 del self._loading[key]
 
-    def _open_session(self, model: pb.Model, artifact: pb.ModelArtifact, variant: str, path) -> tuple[Session, int]:
+    def _open_session(self, model: pb.Model, artifact: pb.ModelArtifact, variant: Variant, path) -> tuple[Session, int]:
         """In the load thread: the session, loaded and warmed up, and its measured memory."""
         settings = self._settings
         crop = model.preprocessing.crop_size
@@ -556,17 +556,16 @@ class InferenceService:
         providers = hardware.onnxruntime_providers()
 
         def load() -> Session:
-            if variant == PYTORCH_VARIANT:
+            if variant.is_pytorch:
                 session = TorchSession(path, backbone=model.backbone, num_classes=len(model.class_names),
                                        preprocessing=model.preprocessing)
                 warm_up(session, settings.max_batch_size, crop)
                 return session
-            nhwc = artifact.input_format == pb.INPUT_FORMAT_UINT8_NHWC
             return open_onnx_session(
                 path, warm_batch=settings.max_batch_size, fill_size=crop, lanes=cpu_lanes(settings),
                 threads=settings.inference_threads, max_batch_size=settings.max_batch_size,
-                providers=providers, fp16=artifact.precision == pb.PRECISION_FP16,
-                sample_shape=(crop, crop, 3) if nhwc else (3, crop, crop),
+                providers=providers, fp16=variant.precision == "fp16",
+                sample_shape=(crop, crop, 3) if variant.uint8_nhwc else (3, crop, crop),
                 cache_dir=settings.home / "cache" / "tensorrt",
             )
 
@@ -602,7 +601,7 @@ class InferenceService:
         await model.batcher.close()
         await asyncio.get_running_loop().run_in_executor(self._load_pool, cache.unload, model.session.close)
         log.info("model unloaded", extra={"fields": {
-            "model": model.name, "version": model.version, "variant": model.variant,
+            "model": model.name, "version": model.version, "variant": model.variant.key,
         }})
 
 

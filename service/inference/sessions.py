@@ -46,6 +46,7 @@ import numpy as np
 
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service import hardware
+from service.variant import Variant
 
 if TYPE_CHECKING:
     from service.config import Settings
@@ -258,11 +259,11 @@ def cpu_lanes(settings: Settings) -> int:
     return settings.cpu_lanes or settings.inference_threads or hardware.physical_cores()
 
 
-def load_runtime(variant: str) -> None:
-    """Imports the runtime a variant runs on ("pytorch" or an ONNX variant), so that the
+def load_runtime(variant: Variant) -> None:
+    """Imports the runtime a variant runs on (PyTorch or ONNX Runtime), so that the
     library's own memory (hundreds of MiB for ONNX Runtime's first import) is not
     counted as the first model's."""
-    if variant == "pytorch":
+    if variant.is_pytorch:
         import torch  # noqa: F401
     else:
         import onnxruntime  # noqa: F401

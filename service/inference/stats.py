@@ -21,6 +21,8 @@ import dataclasses
 import threading
 from typing import NamedTuple
 
+from service.variant import Variant
+
 
 @dataclasses.dataclass
 class Duration:
@@ -47,7 +49,7 @@ class BatchStats(NamedTuple):
 class ModelStatistics:
     name: str
     version: int
-    variant: str
+    variant: Variant
     last_inference_ms: int = 0  # unix milliseconds of the last batch run; 0 = never
     inference_count: int = 0
     execution_count: int = 0

@@ -17,7 +17,8 @@ from service import backbones
 from service.config import Settings
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 from service.store.artifacts import ArtifactStore
-from service.store.models import PYTORCH_VARIANT, ModelStore
+from service.store.models import ModelStore
+from service.variant import Variant
 
 
 def resolve_data_file(settings: Settings, relative: str, field: str) -> pathlib.Path:
@@ -68,7 +69,7 @@ def weights_choice(
     if not load:
         return backbones.WeightsChoice(kind="tlserve"), ref
     try:
-        path = artifacts.path(models.artifact_path(name, version, PYTORCH_VARIANT))
+        path = artifacts.path(models.artifact_path(name, version, Variant.PYTORCH))
         state_dict = torch.load(path, weights_only=True, map_location="cpu")
     except (OSError, NotFound) as e:
         raise FailedPrecondition(f"the weights of model {name}:{version} can't be read: {e}") from None

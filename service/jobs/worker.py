@@ -34,7 +34,8 @@ from service.jobs.weights import weights_choice
 from service.manifest import Manifest
 from service.store import ArtifactStore, MetadataStore
 from service.store.jobs import JobStore, now
-from service.store.models import PYTORCH_VARIANT, ModelStore, model_dir
+from service.store.models import ModelStore, model_dir
+from service.variant import Variant
 from service.training import protocol
 from service.training.config import TrainConfig
 from service.training.engine import Cancelled, TrainResult, fine_tune
@@ -96,7 +97,7 @@ def publish(job: pb.Job, result: TrainResult, parent: pb.ModelRef | None, *,
     for _ in range(5):  # another job may take the version between next_version and publish
         version = models.next_version(request.model_name)
         ref = pb.ModelRef(name=request.model_name, version=version)
-        path = f"{model_dir(ref.name, version)}/model.pt"
+        path = f"{model_dir(ref.name, version)}/{Variant.PYTORCH.file_name}"
         info = artifacts.publish_bytes(buffer.getvalue(), path)
         artifact = pb.ModelArtifact(
             model=ref, format=pb.ARTIFACT_FORMAT_PYTORCH, precision=pb.PRECISION_FP32,

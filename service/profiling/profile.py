@@ -43,7 +43,8 @@ from service.config import Settings
 from service.errors import Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted, TLServeError
 from service.inference.sessions import cpu_lanes
 from service.store.artifacts import ArtifactStore
-from service.store.models import PYTORCH_VARIANT, ModelStore, artifact_variant
+from service.store.models import ModelStore
+from service.variant import Variant
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +63,11 @@ ACCURACY_BATCH_SIZE = 32
 class VariantTask:
     """What a child process needs to measure one variant: plain values, picklable."""
 
-    variant: str
+    variant: Variant
     path: str
     backbone: str
     class_count: int
     preprocessing: bytes  # tlserve.v1.Preprocessing
-    fp16: bool
-    uint8_nhwc: bool
     batch_size: int
     iterations: int
     measure_accuracy: bool
@@ -94,7 +93,7 @@ class ProfileService:
         settings: Settings,
         models: ModelStore,
         artifacts: ArtifactStore,
-        choose_variant: Callable[[pb.Model, int, int], str],
+        choose_variant: Callable[[pb.Model, int, int], Variant],
     ) -> None:
         """`choose_variant(model, runtime, precision)` maps a requested variant to the
         artifact variant that serves it (the inference service's own rule), raising
@@ -120,7 +119,7 @@ class ProfileService:
         model = self._models.get(name, version)
         variants = self._variants(model, request.variants)
         samples = self._samples(model, request.measure_accuracy)
-        artifacts = {artifact_variant(a): a for a in model.artifacts}
+        artifacts = {Variant.of_artifact(a): a for a in model.artifacts}
 
         with self._lock:
             profiles = []
@@ -133,21 +132,19 @@ class ProfileService:
                     path=str(self._artifacts.path(self._models.artifact_path(name, version, variant))),
                     backbone=model.backbone, class_count=len(model.class_names),
                     preprocessing=model.preprocessing.SerializeToString(),
-                    fp16=artifact.precision == pb.PRECISION_FP16,
-                    uint8_nhwc=artifact.input_format == pb.INPUT_FORMAT_UINT8_NHWC,
                     batch_size=batch_size, iterations=iterations, measure_accuracy=request.measure_accuracy,
                     samples=samples, threads=self._settings.inference_threads, lanes=cpu_lanes(self._settings),
                     max_batch_size=max(batch_size, 1), tensorrt_cache=str(self._settings.home / "cache" / "tensorrt"),
                 )
                 start = time.monotonic()
                 measured = pb.VariantProfile.FromString(_in_child(task, f"{name}:{version} ({variant})"))
-                measured.variant.CopyFrom(_variant_of(artifact))
+                measured.variant.CopyFrom(variant.to_proto())
                 measured.size_bytes = artifact.size_bytes
                 measured.parameter_count = model.parameter_count
                 measured.gflops = model.gflops
                 if not measured.accuracy_measured:
                     measured.test_top1_accuracy = (
-                        model.test_metrics.top1_accuracy if variant == PYTORCH_VARIANT else artifact.test_top1_accuracy
+                        model.test_metrics.top1_accuracy if variant.is_pytorch else artifact.test_top1_accuracy
                     )
                 measured.time.CopyFrom(_timestamp_now())
                 self._models.put_profile(name, version, variant, measured)
@@ -161,15 +158,15 @@ class ProfileService:
         profile.time.CopyFrom(_timestamp_now())
         return profile
 
-    def _variants(self, model: pb.Model, requested) -> list[str]:
+    def _variants(self, model: pb.Model, requested) -> list[Variant]:
         """Artifact variants to measure, in request order without repeats. Empty asks for
         every variant the model has: PyTorch and each ONNX precision (the float NCHW
         graph where a precision has both layouts)."""
         if requested:
             chosen = [self._choose_variant(model, v.runtime, v.precision) for v in requested]
         else:
-            have = {artifact_variant(a) for a in model.artifacts}
-            chosen = [PYTORCH_VARIANT] if PYTORCH_VARIANT in have else []
+            have = {Variant.of_artifact(a) for a in model.artifacts}
+            chosen = [Variant.PYTORCH] if Variant.PYTORCH in have else []
             for precision in (pb.PRECISION_FP32, pb.PRECISION_FP16, pb.PRECISION_INT8):
                 try:
                     chosen.append(self._choose_variant(model, pb.RUNTIME_ONNX, precision))
@@ -206,12 +203,6 @@ class ProfileService:
         return ()
 
 
-def _variant_of(artifact: pb.ModelArtifact) -> pb.Variant:
-    if artifact.format == pb.ARTIFACT_FORMAT_PYTORCH:
-        return pb.Variant(runtime=pb.RUNTIME_PYTORCH, precision=pb.PRECISION_FP32)
-    return pb.Variant(runtime=pb.RUNTIME_ONNX, precision=artifact.precision or pb.PRECISION_FP32)
-
-
 def _in_child(task: VariantTask, what: str) -> bytes:
     """Runs `measure(task)` in a fresh spawned process; its failures become domain errors."""
     context = multiprocessing.get_context("spawn")
@@ -243,7 +234,7 @@ def measure(task: VariantTask) -> bytes:
     crop = preprocessing.crop_size
     sessions.load_runtime(task.variant)
     torch_device = None
-    if task.variant == PYTORCH_VARIANT:
+    if task.variant.is_pytorch:
         import torch
 
         if task.threads > 0:
@@ -256,7 +247,7 @@ def measure(task: VariantTask) -> bytes:
     with PeakMemory() as peak:
         start = time.perf_counter()
         session: sessions.Session
-        if task.variant == PYTORCH_VARIANT:
+        if task.variant.is_pytorch:
             session = sessions.TorchSession(task.path, backbone=task.backbone, num_classes=task.class_count,
                                             preprocessing=preprocessing, device=torch_device)
             sessions.warm_up(session, task.batch_size, crop)
@@ -268,8 +259,8 @@ def measure(task: VariantTask) -> bytes:
             session = sessions.open_onnx_session(
                 task.path, warm_batch=task.batch_size, fill_size=crop, lanes=task.lanes,
                 threads=task.threads, max_batch_size=task.max_batch_size,
-                providers=hardware.onnxruntime_providers(), fp16=task.fp16,
-                sample_shape=(crop, crop, 3) if task.uint8_nhwc else (3, crop, crop),
+                providers=hardware.onnxruntime_providers(), fp16=task.variant.precision == "fp16",
+                sample_shape=(crop, crop, 3) if task.variant.uint8_nhwc else (3, crop, crop),
                 cache_dir=pathlib.Path(task.tensorrt_cache),
             )
         load_seconds = time.perf_counter() - start
@@ -301,7 +292,7 @@ def measure(task: VariantTask) -> bytes:
         correct = 0
         for start in range(0, len(task.samples), ACCURACY_BATCH_SIZE):
             chunk = task.samples[start:start + ACCURACY_BATCH_SIZE]
-            inputs = _load(chunk, preprocessing, task.uint8_nhwc)
+            inputs = _load(chunk, preprocessing, task.variant.uint8_nhwc)
             logits = run(inputs)["logits"]
             correct += int((logits.argmax(1) == np.array([label for _, label in chunk])).sum())
         profile.accuracy_measured = True
@@ -336,8 +327,8 @@ def _images(task: VariantTask, preprocessing: pb.Preprocessing, limit: int):
     import numpy as np
 
     if task.samples:
-        return _load(task.samples[:limit], preprocessing, task.uint8_nhwc)
+        return _load(task.samples[:limit], preprocessing, task.variant.uint8_nhwc)
     crop = preprocessing.crop_size
-    if task.uint8_nhwc:
+    if task.variant.uint8_nhwc:
         return np.zeros((limit, crop, crop, 3), np.uint8)
     return np.zeros((limit, 3, crop, crop), np.float32)

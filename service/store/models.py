@@ -16,36 +16,7 @@ from service.errors import InvalidArgument, NotFound
 from service.store import paging
 from service.store.artifacts import ArtifactStore
 from service.store.metadata import MetadataStore
-
-PYTORCH_VARIANT = "pytorch"
-# Input layouts of ONNX exports (a variant's last part), in the order a request that
-# names none is served: the float NCHW graph, else the uint8 NHWC one.
-ONNX_LAYOUTS = ("float_nchw", "uint8_nhwc")
-
-
-def artifact_variant(artifact: pb.ModelArtifact) -> str:
-    """The key of an artifact among its model's: "pytorch" or "onnx-fp32-float_nchw"."""
-    if artifact.format == pb.ARTIFACT_FORMAT_PYTORCH:
-        return PYTORCH_VARIANT
-    precision = pb.Precision.Name(artifact.precision or pb.PRECISION_FP32).removeprefix("PRECISION_").lower()
-    layout = pb.InputFormat.Name(artifact.input_format or pb.INPUT_FORMAT_FLOAT_NCHW).removeprefix("INPUT_FORMAT_").lower()
-    return f"onnx-{precision}-{layout}"
-
-
-def onnx_parts(variant: str) -> tuple[str, str]:
-    """The precision and input layout of an ONNX variant: "onnx-int8-uint8_nhwc" →
-    ("int8", "uint8_nhwc"); empty strings for what a variant key does not hold."""
-    _, precision, layout = (variant.split("-", 2) + ["", ""])[:3]
-    return precision, layout
-
-
-def variant_order(variant: str) -> tuple[int, int, str]:
-    """Sort key of artifact variants: PyTorch, then ONNX fp32, fp16, int8 (float layout first)."""
-    if variant == PYTORCH_VARIANT:
-        return (0, 0, "")
-    precision, layout = onnx_parts(variant)
-    return (1, {"fp32": 0, "fp16": 1, "int8": 2}.get(precision, 3), "" if layout == "float_nchw" else layout)
-
+from service.variant import Variant
 
 def model_dir(name: str, version: int) -> str:
     """Artifact-store directory of one model version."""
@@ -93,7 +64,7 @@ class ModelStore:
             f"{verb} INTO artifacts (model_name, model_version, variant, path, size_bytes, sha256, create_time, proto)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                artifact.model.name, artifact.model.version, artifact_variant(artifact), path,
+                artifact.model.name, artifact.model.version, Variant.of_artifact(artifact).key, path,
                 artifact.size_bytes, artifact.sha256, time.time(), artifact.SerializeToString(),
             ),
         )
@@ -120,19 +91,19 @@ class ModelStore:
         model.artifacts.extend(a for a, _ in self.artifacts(name, version))
         # One row per (runtime, precision), the latest: a variant profiled through its uint8
         # graph before a float graph existed is not shown twice (VariantProfile has no layout).
-        latest: dict[tuple[int, int], tuple[str, pb.VariantProfile]] = {}
+        latest: dict[tuple[int, int], tuple[Variant, pb.VariantProfile]] = {}
         for variant, profile in self.profiles(name, version):
             key = (profile.variant.runtime, profile.variant.precision)
             if key not in latest or profile.time.ToNanoseconds() > latest[key][1].time.ToNanoseconds():
                 latest[key] = (variant, profile)
-        profiles = sorted(latest.values(), key=lambda item: variant_order(item[0]))
+        profiles = sorted(latest.values(), key=lambda item: item[0].sort_key())
         if profiles:
             model.profile.model.name, model.profile.model.version = name, version
             model.profile.variants.extend(p for _, p in profiles)
             model.profile.time.CopyFrom(max((p.time for _, p in profiles), key=lambda t: (t.seconds, t.nanos)))
         return model
 
-    def put_profile(self, name: str, version: int, variant: str, profile: pb.VariantProfile) -> None:
+    def put_profile(self, name: str, version: int, variant: Variant, profile: pb.VariantProfile) -> None:
         """Stores the latest measurement of one artifact variant, replacing an earlier one.
 
         A model version deleted meanwhile is not an error: the measurement is dropped."""
@@ -141,28 +112,29 @@ class ModelStore:
                 conn.execute(
                     "INSERT OR REPLACE INTO profiles (model_name, model_version, variant, time, proto)"
                     " VALUES (?, ?, ?, ?, ?)",
-                    (name, version, variant, time.time(), profile.SerializeToString()),
+                    (name, version, variant.key, time.time(), profile.SerializeToString()),
                 )
 
-    def profiles(self, name: str, version: int) -> list[tuple[str, pb.VariantProfile]]:
+    def profiles(self, name: str, version: int) -> list[tuple[Variant, pb.VariantProfile]]:
         """(artifact variant, latest measurement) of one model version, by variant."""
         rows = self._store.query(
             "SELECT variant, proto FROM profiles WHERE model_name = ? AND model_version = ? ORDER BY variant",
             (name, version),
         )
-        return sorted(((r["variant"], pb.VariantProfile.FromString(r["proto"])) for r in rows),
-                      key=lambda item: variant_order(item[0]))
+        return sorted(((Variant.parse(r["variant"]), pb.VariantProfile.FromString(r["proto"])) for r in rows),
+                      key=lambda item: item[0].sort_key())
 
-    def all_profiles(self) -> list[tuple[str, int, str, pb.VariantProfile]]:
+    def all_profiles(self) -> list[tuple[str, int, Variant, pb.VariantProfile]]:
         """(name, version, artifact variant, measurement) of every stored profile."""
         rows = self._store.query(
             "SELECT model_name, model_version, variant, proto FROM profiles ORDER BY model_name, model_version, variant"
         )
         return [
-            (r["model_name"], r["model_version"], r["variant"], pb.VariantProfile.FromString(r["proto"])) for r in rows
+            (r["model_name"], r["model_version"], Variant.parse(r["variant"]), pb.VariantProfile.FromString(r["proto"]))
+            for r in rows
         ]
 
-    def summaries(self) -> list[tuple[pb.Model, list[tuple[str, pb.ModelArtifact]]]]:
+    def summaries(self) -> list[tuple[pb.Model, list[tuple[Variant, pb.ModelArtifact]]]]:
         """Every model version with its artifacts by variant, in one read: what the
         metrics collector exports at each scrape."""
         models = {
@@ -172,7 +144,7 @@ class ModelStore:
         for r in self._store.query("SELECT model_name, model_version, variant, proto FROM artifacts ORDER BY variant"):
             entry = models.get((r["model_name"], r["model_version"]))
             if entry is not None:
-                entry[1].append((r["variant"], pb.ModelArtifact.FromString(r["proto"])))
+                entry[1].append((Variant.parse(r["variant"]), pb.ModelArtifact.FromString(r["proto"])))
         return list(models.values())
 
     def artifacts(self, name: str, version: int) -> list[tuple[pb.ModelArtifact, str]]:
@@ -182,10 +154,10 @@ class ModelStore:
         )
         return [(pb.ModelArtifact.FromString(r["proto"]), r["path"]) for r in rows]
 
-    def artifact_path(self, name: str, version: int, variant: str) -> str:
+    def artifact_path(self, name: str, version: int, variant: Variant) -> str:
         rows = self._store.query(
             "SELECT path FROM artifacts WHERE model_name = ? AND model_version = ? AND variant = ?",
-            (name, version, variant),
+            (name, version, variant.key),
         )
         if not rows:
             raise NotFound(f"model {name} version {version} has no {variant} artifact")
