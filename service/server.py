@@ -20,7 +20,6 @@ import signal
 import tempfile
 
 import grpc
-from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -29,6 +28,7 @@ from service import hardware, metrics
 from service.api import kserve
 from service.api.interceptors import ErrorInterceptor, MessageSizeInterceptor, ObserveInterceptor
 from service.api.servicer import ServerState, TLServeServicer
+from service.clock import now
 from service.config import Settings, split_address
 from service.datasets import Datasets
 from service.errors import ConfigError
@@ -166,8 +166,7 @@ async def create_server(settings: Settings) -> TLServeServer:
             ("grpc.so_reuseport", 0),
         ],
     )
-    start_time = timestamp_pb2.Timestamp()
-    start_time.GetCurrentTime()
+    start_time = now()
     jobs = JobStore(metadata)
     models = ModelStore(metadata, artifacts)
     datasets = Datasets(settings, metadata)

@@ -18,6 +18,7 @@ import torch
 
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service import backbones
+from service.errors import Cancelled
 from service.training import checkpoint, engine, protocol, strategies
 from service.training.config import TrainConfig
 from service.training.selfcheck import synthetic_manifest
@@ -268,7 +269,7 @@ def test_resume_after_a_crash_gives_the_result_of_an_unbroken_run(shapes, tmp_pa
 
 def test_cancel_raises_within_one_step(shapes, tmp_path):
     reporter = Events(cancel_after_polls=5)
-    with pytest.raises(engine.Cancelled):
+    with pytest.raises(Cancelled):
         run(config_for(pb.STRATEGY_PARTIAL, epochs=3), shapes, tmp_path, reporter)
     assert reporter.polls_after_cancel == 1  # the first poll that saw it raised
     assert not any(e.message.startswith("epoch 2/") for e in reporter.events)

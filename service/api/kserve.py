@@ -37,6 +37,7 @@ import numpy as np
 from client.inference import grpc_service_pb2 as kpb
 from client.inference import grpc_service_pb2_grpc
 from client.tlserve.v1 import tlserve_pb2 as pb
+from service.api.streams import call_deadline, ordered_replies
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, TLServeError
 from service.inference.sessions import runs_on_cpu
 from service.store import paging
@@ -424,12 +425,6 @@ class Target:
         return self.artifact.class_names or self.model.class_names
 
 
-def _deadline(context) -> float | None:
-    """The call's deadline on the time.monotonic() clock, or None without one."""
-    remaining = context.time_remaining() if context is not None else None
-    return None if remaining is None else time.monotonic() + remaining
-
-
 def request_deadline(request: kpb.ModelInferRequest, deadline: float | None) -> float | None:
     """The call's deadline, shortened by the request's "timeout" parameter (microseconds; 0: none)."""
     if "timeout" not in request.parameters:
@@ -537,7 +532,7 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     # --- inference --------------------------------------------------------------
 
     async def ModelInfer(self, request: kpb.ModelInferRequest, context) -> kpb.ModelInferResponse:
-        return await self._infer(request, _deadline(context))
+        return await self._infer(request, call_deadline(context))
 
     async def _infer(self, request: kpb.ModelInferRequest, deadline: float | None) -> kpb.ModelInferResponse:
         target = await self._resolve(parse_model(request.model_name, request.model_version))
@@ -561,27 +556,11 @@ class KServeServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         """Replies in request order; each request is computed as soon as it arrives (up to
         STREAM_WINDOW at once). A failed request gets a reply with error_message set and the
         stream goes on, as Triton's does."""
-        deadline = _deadline(context)
-        pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(STREAM_WINDOW)
-
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    await pending.put(asyncio.create_task(self._infer_in_stream(request, deadline)))
-            finally:
-                await pending.put(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (task := await pending.get()) is not None:
-                yield await task
-            await reader  # re-raises a failure of the request stream itself
-        finally:
-            reader.cancel()
-            while not pending.empty():
-                task = pending.get_nowait()
-                if task is not None:
-                    task.cancel()
+        deadline = call_deadline(context)
+        async for reply in ordered_replies(
+            request_iterator, lambda request: self._infer_in_stream(request, deadline), STREAM_WINDOW,
+        ):
+            yield reply
 
     async def _infer_in_stream(self, request: kpb.ModelInferRequest, deadline: float | None):
         try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-import time
 
 from google.protobuf import timestamp_pb2
 
@@ -23,6 +22,7 @@ from client.tlserve.v1 import tlserve_pb2 as pb
 from client.tlserve.v1 import tlserve_pb2_grpc
 from service import backbones, hardware
 from service.api.interceptors import status_for
+from service.api.streams import call_deadline, ordered_replies
 from service.config import Settings
 from service.datasets import Datasets
 from service.errors import InvalidArgument, TLServeError
@@ -193,34 +193,17 @@ class TLServeServicer(tlserve_pb2_grpc.TLServeServicer):
     # --- inference --------------------------------------------------------
 
     async def Predict(self, request: pb.PredictRequest, context) -> pb.PredictResponse:
-        return await self._inference.predict(request, deadline=_deadline(context))
+        return await self._inference.predict(request, deadline=call_deadline(context))
 
     async def PredictStream(self, request_iterator, context):
         """Replies in request order; each request is computed as soon as it arrives
         (up to STREAM_WINDOW at once), so a stream batches with itself and others.
         A failed request gets a reply with `error` set and the stream goes on."""
-        deadline = _deadline(context)
-        pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(STREAM_WINDOW)
-
-        async def read() -> None:
-            try:
-                async for request in request_iterator:
-                    task = asyncio.create_task(self._predict_in_stream(request, deadline))
-                    await pending.put(task)
-            finally:
-                await pending.put(None)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (task := await pending.get()) is not None:
-                yield await task
-            await reader  # re-raises a failure of the request stream itself (e.g. an oversized message)
-        finally:
-            reader.cancel()
-            while not pending.empty():
-                task = pending.get_nowait()
-                if task is not None:
-                    task.cancel()
+        deadline = call_deadline(context)
+        async for reply in ordered_replies(
+            request_iterator, lambda request: self._predict_in_stream(request, deadline), STREAM_WINDOW,
+        ):
+            yield reply
 
     async def _predict_in_stream(self, request: pb.PredictRequest, deadline: float | None) -> pb.PredictResponse:
         try:
@@ -230,9 +213,3 @@ class TLServeServicer(tlserve_pb2_grpc.TLServeServicer):
                 request_id=request.request_id,
                 error=pb.PredictError(code=status_for(e).value[0], message=str(e)),
             )
-
-
-def _deadline(context) -> float | None:
-    """The call's deadline on the time.monotonic() clock, or None without one."""
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining

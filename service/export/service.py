@@ -33,12 +33,12 @@ import onnx
 
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service import backbones, metrics
+from service.clock import now
 from service.config import Settings
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, TLServeError
 from service.export import onnx_export as ox
 from service.manifest import Manifest
 from service.store.artifacts import ArtifactStore
-from service.store.jobs import now
 from service.store.models import ModelStore, model_dir
 from service.variant import LAYOUT_OF, PRECISION_OF, Variant
 

@@ -28,17 +28,18 @@ import torch
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service import backbones, logs
 from service.config import Settings
-from service.errors import TLServeError
+from service.errors import Cancelled, TLServeError
 from service.jobs.runner import die_with_parent
 from service.jobs.weights import weights_choice
 from service.manifest import Manifest
 from service.store import ArtifactStore, MetadataStore
-from service.store.jobs import JobStore, now
+from service.clock import now
+from service.store.jobs import JobStore
 from service.store.models import ModelStore, model_dir
 from service.variant import Variant
 from service.training import protocol
 from service.training.config import TrainConfig
-from service.training.engine import Cancelled, TrainResult, fine_tune
+from service.training.engine import TrainResult, fine_tune
 
 log = logging.getLogger("tlserve.worker")
 

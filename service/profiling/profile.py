@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 
 from client.tlserve.v1 import tlserve_pb2 as pb
+from service.clock import now
 from service.config import Settings
 from service.errors import Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted, TLServeError
 from service.inference.sessions import cpu_lanes
@@ -77,14 +78,6 @@ class VariantTask:
     lanes: int  # CPU lanes, as Predict loads the model (sessions.cpu_lanes)
     max_batch_size: int
     tensorrt_cache: str
-
-
-def _timestamp_now():
-    from google.protobuf import timestamp_pb2
-
-    stamp = timestamp_pb2.Timestamp()
-    stamp.GetCurrentTime()
-    return stamp
 
 
 class ProfileService:
@@ -146,7 +139,7 @@ class ProfileService:
                     measured.test_top1_accuracy = (
                         model.test_metrics.top1_accuracy if variant.is_pytorch else artifact.test_top1_accuracy
                     )
-                measured.time.CopyFrom(_timestamp_now())
+                measured.time.CopyFrom(now())
                 self._models.put_profile(name, version, variant, measured)
                 profiles.append(measured)
                 log.info(
@@ -155,7 +148,7 @@ class ProfileService:
                     measured.throughput_images_per_second, batch_size, measured.peak_memory_bytes, measured.device,
                 )
         profile = pb.ModelProfile(model=pb.ModelRef(name=name, version=version), variants=profiles)
-        profile.time.CopyFrom(_timestamp_now())
+        profile.time.CopyFrom(now())
         return profile
 
     def _variants(self, model: pb.Model, requested) -> list[Variant]:

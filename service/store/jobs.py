@@ -14,20 +14,13 @@ import secrets
 import time
 from collections.abc import Callable
 
-from google.protobuf import timestamp_pb2
-
 from client.tlserve.v1 import tlserve_pb2 as pb
+from service.clock import now
 from service.errors import NotFound
 from service.store import paging
 from service.store.metadata import MetadataStore
 
 TERMINAL_STATES = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED})
-
-
-def now() -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.GetCurrentTime()
-    return ts
 
 
 def new_job_id() -> str:

@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader
 
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service import backbones
-from service.errors import InvalidArgument
+from service.errors import Cancelled, InvalidArgument
 from service.manifest import Manifest
 from service.training import checkpoint, data, protocol, strategies
 from service.training.config import TrainConfig
@@ -74,10 +74,6 @@ class Reporter(Protocol):
     def report(self, event: pb.JobEvent) -> None: ...
 
     def cancelled(self) -> bool: ...
-
-
-class Cancelled(Exception):
-    """The job was cancelled; raised within one step of `Reporter.cancelled()`."""
 
 
 @dataclasses.dataclass
@@ -249,7 +245,8 @@ class Progress:
         self._epoch_fraction = 0.0
 
     def check_cancelled(self, *, collective: bool = True) -> None:
-        """Raises Cancelled when the job is cancelled. Under DDP (`collective`) rank
+        """Raises errors.Cancelled when the job is cancelled (within one step of
+        `Reporter.cancelled()`). Under DDP (`collective`) rank
         0's answer is broadcast, so that every rank stops at the same step."""
         flag = self.reporter.cancelled() if self.procs.main or not collective else False
         if collective and self.procs.distributed:
