@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from service.jobs.runner import die_with_parent
+from service.childproc import die_with_parent
 
 
 def main(argv: list[str]) -> None:

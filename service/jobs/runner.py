@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -41,15 +40,6 @@ CANCEL_TERM_AFTER_SECONDS = 10.0
 CANCEL_KILL_AFTER_SECONDS = 5.0
 POLL_SECONDS = 0.5
 LOG_TAIL_LINES = 5
-
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """Asks Linux to SIGKILL this process when its parent dies (no orphans)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
 
 def worker_command(settings: Settings, job: pb.Job) -> list[str]:
     worker = ["-m", "service.jobs.worker", "--job-id", job.id, "--home", str(settings.home)]

@@ -29,7 +29,7 @@ from client.tlserve.v1 import tlserve_pb2 as pb
 from service import backbones, logs
 from service.config import Settings
 from service.errors import Cancelled, TLServeError
-from service.jobs.runner import die_with_parent
+from service.childproc import die_with_parent
 from service.jobs.weights import weights_choice
 from service.manifest import Manifest
 from service.store import ArtifactStore, MetadataStore

@@ -44,20 +44,17 @@ import dataclasses
 import io
 import logging
 import math
-import multiprocessing
-import signal
 import threading
 import time
-import traceback
 from collections.abc import Sequence
 
 import torch
 
 from client.tlserve.v1 import tlserve_pb2 as pb
-from service import backbones
+from service import backbones, childproc
 from service.config import Settings
 from service.datasets import Datasets
-from service.errors import Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted, TLServeError
+from service.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from service.manifest import Manifest
 from service.training import strategies
 
@@ -75,8 +72,6 @@ SEED = 0
 FEATURE_BATCH_SIZE = 64
 LATENCY_ITERATIONS = 20
 LATENCY_WARMUP = 3
-# How often the waiting thread looks at the child and at the caller's cancellation.
-POLL_SECONDS = 0.2
 
 
 # -- the request ----------------------------------------------------------------------
@@ -259,7 +254,10 @@ class BackboneComparer:
         try:
             self._running = f"{', '.join(options.backbones)} on dataset {manifest.id}"
             start = time.monotonic()
-            measured = _run_in_child(task, cancelled)
+            measured = childproc.run_in_child(
+                probe_all, task, what="comparing backbones", cancelled=cancelled,
+                memory_hint="compare fewer or smaller backbones, or cap max_images_per_class",
+            )
         finally:
             self._running = ""
             self._lock.release()
@@ -291,76 +289,6 @@ class BackboneComparer:
 
 
 # -- the child process -----------------------------------------------------------------------
-
-
-def _run_in_child(task: CompareTask, cancelled: threading.Event | None) -> list[dict]:
-    """`probe_all(task)` in a fresh spawned process; its failures become domain errors.
-
-    A plain Process and a pipe rather than a pool: the child can be stopped at once when
-    the caller cancels, and its exit code is there to explain a death."""
-    context = multiprocessing.get_context("spawn")
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child_main, args=(task, sender), name="tlserve-compare-backbones")
-    process.start()
-    sender.close()  # the child holds the only writer: EOF when it dies
-    answered = False
-    try:
-        while not receiver.poll(POLL_SECONDS):  # readable on a message, or on EOF when the child died
-            if cancelled is not None and cancelled.is_set():
-                log.info("CompareBackbones cancelled by its caller: stopping its process %d", process.pid)
-                raise Cancelled("CompareBackbones was cancelled; its process was stopped")
-        try:
-            kind, payload = receiver.recv()
-        except EOFError:  # it died without answering
-            raise _death(process) from None
-        answered = True
-    finally:
-        receiver.close()
-        if answered:
-            process.join(5)  # it exits right after sending
-        elif process.is_alive():
-            process.terminate()  # cancelled, or the waiting thread failed: stop the work now
-            process.join(2)
-        if process.is_alive():
-            process.kill()
-        process.join()
-        process.close()
-    if kind == "error":
-        raise payload
-    if kind == "crash":
-        log.error("comparing backbones failed in its process:\n%s", payload)
-        raise RuntimeError(f"comparing backbones failed in its process: {payload.strip().splitlines()[-1]}")
-    return payload
-
-
-def _death(process) -> Exception:
-    """The error for a child that ended without answering."""
-    process.join(5)
-    code = process.exitcode
-    if code == -signal.SIGKILL:  # what the out-of-memory killer sends
-        return ResourceExhausted(
-            "the process comparing backbones was killed (SIGKILL: out of memory?); nothing was measured: "
-            "compare fewer or smaller backbones, or cap max_images_per_class"
-        )
-    how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited with code {code}"
-    return RuntimeError(f"the process comparing backbones {how} without answering")
-
-
-def _child_main(task: CompareTask, sender) -> None:
-    from service.jobs.runner import die_with_parent
-
-    die_with_parent()  # a server killed with -9 takes the comparison with it
-    try:
-        message = ("ok", probe_all(task))
-    except TLServeError as error:
-        message = ("error", error)
-    except BaseException:
-        message = ("crash", traceback.format_exc())
-    try:
-        sender.send(message)
-    except Exception:  # an error that does not pickle
-        sender.send(("crash", traceback.format_exc()))
-    sender.close()
 
 
 def probe_all(task: CompareTask) -> list[dict]:

@@ -29,19 +29,18 @@ exported as gauges by the metrics collector.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
-import multiprocessing
 import pathlib
 import threading
 import time
 from collections.abc import Callable
 
 from client.tlserve.v1 import tlserve_pb2 as pb
+from service import childproc
 from service.clock import now
 from service.config import Settings
-from service.errors import Cancelled, FailedPrecondition, InvalidArgument, ResourceExhausted, TLServeError
+from service.errors import Cancelled, FailedPrecondition, InvalidArgument
 from service.inference.sessions import cpu_lanes
 from service.store.artifacts import ArtifactStore
 from service.store.models import ModelStore
@@ -99,7 +98,8 @@ class ProfileService:
 
     def profile(self, request: pb.ProfileModelRequest, cancelled: threading.Event | None = None) -> pb.ModelProfile:
         """Measures the requested variants one after the other; blocks (call it off the
-        event loop). `cancelled` set between variants stops it with Cancelled."""
+        event loop). `cancelled` set stops it with Cancelled, the running measurement's
+        process at once."""
         batch_size = request.batch_size or DEFAULT_BATCH_SIZE
         if not 1 <= batch_size <= MAX_BATCH_SIZE:
             raise InvalidArgument(f"batch_size must be within 1..{MAX_BATCH_SIZE} (0 means {DEFAULT_BATCH_SIZE}), "
@@ -130,7 +130,10 @@ class ProfileService:
                     max_batch_size=max(batch_size, 1), tensorrt_cache=str(self._settings.home / "cache" / "tensorrt"),
                 )
                 start = time.monotonic()
-                measured = pb.VariantProfile.FromString(_in_child(task, f"{name}:{version} ({variant})"))
+                measured = pb.VariantProfile.FromString(childproc.run_in_child(
+                    measure_or_refuse, task, what=f"measuring {name}:{version} ({variant})", cancelled=cancelled,
+                    memory_hint="profile a smaller batch_size",
+                ))
                 measured.variant.CopyFrom(variant.to_proto())
                 measured.size_bytes = artifact.size_bytes
                 measured.parameter_count = model.parameter_count
@@ -196,23 +199,15 @@ class ProfileService:
         return ()
 
 
-def _in_child(task: VariantTask, what: str) -> bytes:
-    """Runs `measure(task)` in a fresh spawned process; its failures become domain errors."""
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        try:
-            return pool.submit(measure, task).result()
-        except concurrent.futures.process.BrokenProcessPool:
-            raise ResourceExhausted(
-                f"the process measuring {what} died (killed for memory?); nothing was stored for it"
-            ) from None
-        except TLServeError:
-            raise
-        except OSError as error:
-            raise FailedPrecondition(f"cannot measure {what}: {error}") from error
-
-
 # -- in the child process ---------------------------------------------------------
+
+
+def measure_or_refuse(task: VariantTask) -> bytes:
+    """`measure`, with a file that cannot be read refused as FailedPrecondition."""
+    try:
+        return measure(task)
+    except OSError as error:
+        raise FailedPrecondition(f"cannot measure {task.variant} from {task.path}: {error}") from error
 
 
 def measure(task: VariantTask) -> bytes:
