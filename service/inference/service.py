@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import logging
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -110,6 +112,16 @@ def _precision_name(precision: int) -> str:
     return pb.Precision.Name(precision).removeprefix("PRECISION_").lower()
 
 
+class _Call:
+    """What `_call_metrics` knows of a call: its model's metrics, once resolved."""
+
+    metrics: metrics.ModelMetrics | None = None
+
+    def track(self, bound: metrics.ModelMetrics) -> None:
+        bound.in_flight.inc()  # dec when the call ends
+        self.metrics = bound
+
+
 @dataclasses.dataclass(eq=False)
 class LoadedModel:
     """A model variant loaded, warmed up and serving through its batcher."""
@@ -184,8 +196,7 @@ class InferenceService:
         """Validates, prepares the images, runs them through the model's batcher and
         answers top-k (and logits, embeddings) per image, in order."""
         start = time.perf_counter()
-        bound: metrics.ModelMetrics | None = None
-        try:
+        with self._call_metrics() as call:
             self._check_open()
             if request.top_k < 0:
                 raise InvalidArgument(f"top_k must be >= 0 (0 means {DEFAULT_TOP_K}), got {request.top_k}")
@@ -196,8 +207,7 @@ class InferenceService:
             runtime, precision = _runtime(request.runtime), _precision(request.runtime, request.precision)
             record, variant = await self._variant(name, version, runtime, precision)
             key = (name, version, variant)
-            bound = self._bound(key)
-            bound.in_flight.inc()  # dec in `finally`
+            call.track(self._bound(key))
             artifact, _ = record.artifacts[variant]
             if request.return_embeddings and not (variant.is_pytorch or artifact.has_embedding):
                 raise FailedPrecondition(
@@ -220,13 +230,7 @@ class InferenceService:
                 outputs, model.class_names, request.top_k or DEFAULT_TOP_K,
                 logits=request.return_logits, embeddings=request.return_embeddings,
             ))
-        except BaseException as e:
-            self._count_error(bound, e)
-            raise
-        finally:
-            if bound is not None:
-                bound.in_flight.dec()
-        bound.observe_predict(len(request.images), time.perf_counter() - start)
+        call.metrics.observe_predict(len(request.images), time.perf_counter() - start)
         return response
 
     async def target(
@@ -277,24 +281,16 @@ class InferenceService:
         """Runs prepared inputs (the variant's input spec with a batch axis) through the
         model's batcher: {"logits": (N, C) float32, "embedding": (N, D) if it has one}."""
         key = (name, version, variant)
-        bound: metrics.ModelMetrics | None = None
-        try:
+        with self._call_metrics() as call:
             self._check_open()
             _check_deadline(deadline, "before the request was read")
             model = await self._acquire(key)
-            bound = model.metrics  # labels only for a model that exists (bounded cardinality)
-            bound.in_flight.inc()  # dec in `finally`
+            call.track(model.metrics)  # labels only for a model that exists (bounded cardinality)
             try:
                 _check_input(model, inputs)
                 outputs = await model.batcher.submit(inputs, deadline)
             finally:
                 self._release(model)
-        except BaseException as e:
-            self._count_error(bound, e)
-            raise
-        finally:
-            if bound is not None:
-                bound.in_flight.dec()
         return {name: outputs[name] for name in model.output_names}
 
     # -- models ----------------------------------------------------------------------
@@ -429,6 +425,21 @@ class InferenceService:
         if bound is None:
             bound = self._bound_metrics[key] = self._metrics.bind(*key)
         return bound
+
+    @contextlib.contextmanager
+    def _call_metrics(self) -> Iterator[_Call]:
+        """One Predict or ModelInfer call's metrics: in flight from `track` (once its
+        model is known) to the end; an error counted against that model, or without
+        model labels if it came before the model was known."""
+        call = _Call()
+        try:
+            yield call
+        except BaseException as e:
+            self._count_error(call.metrics, e)
+            raise
+        finally:
+            if call.metrics is not None:
+                call.metrics.in_flight.dec()
 
     def _count_error(self, bound: metrics.ModelMetrics | None, error: BaseException) -> None:
         reason = error_reason(error)

@@ -416,6 +416,20 @@ def _optimiser_step(job: _Job, loss: torch.Tensor, params: list[torch.Tensor]) -
     job.scheduler.step()
 
 
+def _learn(job: _Job, stats: EpochStats, params: list[torch.Tensor], logits: torch.Tensor, labels: torch.Tensor,
+           *, epoch: int, step_in_epoch: int, steps_in_epoch: int) -> None:
+    """One optimiser step on a batch's logits (B, C) and labels (B,), counted in
+    `stats` and reported: what both epoch loops do with every batch."""
+    loss = job.criterion(logits.float(), labels)
+    _optimiser_step(job, loss, params)
+    stats.add(loss, logits, labels)
+    job.step += 1
+    job.progress.step(
+        epoch=epoch + 1, step=job.step, steps_in_epoch=steps_in_epoch, step_in_epoch=step_in_epoch,
+        images=len(labels), stats=lambda: {**stats.running(), "learning_rate": job.head_lr()},
+    )
+
+
 def train_one_epoch(job: _Job, model: nn.Module, epoch: int) -> tuple[float, float]:
     """One pass over the training images through `model` (DDP-wrapped or not).
     -> (mean loss, accuracy) of the epoch's augmented batches."""
@@ -429,14 +443,7 @@ def train_one_epoch(job: _Job, model: nn.Module, epoch: int) -> tuple[float, flo
         labels = labels.to(job.device, non_blocking=True)  # (B,)
         with _autocast(job.device, job.amp):
             logits = model(images)  # (B, C)
-        loss = job.criterion(logits.float(), labels)
-        _optimiser_step(job, loss, params)
-        stats.add(loss, logits, labels)
-        job.step += 1
-        job.progress.step(
-            epoch=epoch + 1, step=job.step, steps_in_epoch=len(loader), step_in_epoch=i + 1, images=len(labels),
-            stats=lambda: {**stats.running(), "learning_rate": job.head_lr()},
-        )
+        _learn(job, stats, params, logits, labels, epoch=epoch, step_in_epoch=i + 1, steps_in_epoch=len(loader))
     return stats.totals(job.procs, job.device)
 
 
@@ -459,14 +466,7 @@ def train_head_one_epoch(job: _Job, cache: FeatureCache, epoch: int) -> tuple[fl
         features = cache.train[view[index], index].to(job.device, non_blocking=True)  # (B, D)
         labels = cache.train_labels[index].to(job.device, non_blocking=True)  # (B,)
         logits = head(features)  # (B, C)
-        loss = job.criterion(logits.float(), labels)
-        _optimiser_step(job, loss, params)
-        stats.add(loss, logits, labels)
-        job.step += 1
-        job.progress.step(
-            epoch=epoch + 1, step=job.step, steps_in_epoch=steps, step_in_epoch=i + 1, images=len(labels),
-            stats=lambda: {**stats.running(), "learning_rate": job.head_lr()},
-        )
+        _learn(job, stats, params, logits, labels, epoch=epoch, step_in_epoch=i + 1, steps_in_epoch=steps)
     if job.procs.distributed:
         # Every rank ran the same steps on the same data; rank 0's head is the
         # reference, so floating-point drift between ranks can't accumulate.
