@@ -19,7 +19,8 @@ from service import backbones
 from service.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from service.inference import cache, preprocess
 from service.inference.batcher import DynamicBatcher
-from service.inference.service import concurrent_batches, softmax, top_k
+from service.inference.postprocess import softmax, top_k
+from service.inference.service import concurrent_batches
 from service.inference.stats import ModelStatistics
 from service.variant import Variant
 from service.training.data import eval_transform
