@@ -20,6 +20,7 @@ from client.tlserve.v1 import tlserve_pb2 as pb
 from service import backbones
 from service.errors import Cancelled
 from service.training import checkpoint, engine, protocol, strategies
+from service.training.features import extract_features
 from service.training.config import TrainConfig
 from service.training.selfcheck import synthetic_manifest
 
@@ -200,7 +201,7 @@ def test_prototype_head_is_the_nearest_class_mean_of_frozen_features(shapes, tmp
 
     loader = data.make_loader(data.ImageDataset(shapes.samples("train"), data.eval_transform(result.preprocessing)), 8,
                               shuffle=False, device=torch.device("cpu"))
-    features, labels = engine.extract_features(built.trunk, loader, torch.device("cpu"), None, lambda: None)
+    features, labels = extract_features(built.trunk, loader, torch.device("cpu"), None, lambda: None)
     # Augmentation off here: one view, so the head is exactly the shrunk-covariance
     # prototype of the eval features.
     weight, bias = strategies.gaussian_prototype_weights(features, labels, 3)

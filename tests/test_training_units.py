@@ -14,7 +14,7 @@ from torch import nn
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service import backbones
 from service.errors import InvalidArgument
-from service.training import checkpoint, engine, strategies
+from service.training import checkpoint, optim, strategies
 from service.training.config import TrainConfig
 from service.training.metrics import report_from_predictions
 
@@ -197,16 +197,16 @@ def test_out_of_range_values_are_rejected_naming_the_field(field, set_value):
 
 
 def test_cosine_warms_up_linearly_then_decays_to_zero():
-    factor = engine.SCHEDULES["cosine"](100, 10)
+    factor = optim.SCHEDULES["cosine"](100, 10)
     assert [factor(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
     assert factor(10) == pytest.approx(1.0) and factor(55) == pytest.approx(0.5) and factor(100) == pytest.approx(0.0)
 
 
 def test_one_cycle_peaks_at_30_percent_and_constant_stays():
-    factor = engine.SCHEDULES["one_cycle"](100, 0)
+    factor = optim.SCHEDULES["one_cycle"](100, 0)
     assert factor(0) == pytest.approx(1 / 25) and factor(30) == pytest.approx(1.0)
     assert factor(100) == pytest.approx(1 / 25 / 1e4)
-    assert engine.SCHEDULES["constant"](100, 0)(77) == 1.0
+    assert optim.SCHEDULES["constant"](100, 0)(77) == 1.0
 
 
 # -- strategies ------------------------------------------------------------------------------

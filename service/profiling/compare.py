@@ -312,7 +312,8 @@ def probe_all(task: CompareTask) -> list[dict]:
 
 def probe_backbone(name: str, task: CompareTask, device: torch.device) -> tuple[pb.BackboneComparison, float]:
     from service.profiling.measure import Latency, time_calls
-    from service.training import data, engine
+    from service.training import data
+    from service.training import features as features_of
 
     torch.manual_seed(task.seed)  # random initialisation (weights NONE) is the same on every call
     spec = backbones.get_spec(name)
@@ -332,7 +333,7 @@ def probe_backbone(name: str, task: CompareTask, device: torch.device) -> tuple[
     start = time.perf_counter()
     features = {}
     for split, dataset in (("train", train_set), ("val", val_set)):
-        features[split] = engine.frozen_features(
+        features[split] = features_of.frozen_features(
             built.trunk, dataset, batch_size=FEATURE_BATCH_SIZE, device=device, dtype=None,
             check=lambda: None, seed=task.seed,
         )

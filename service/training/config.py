@@ -177,13 +177,13 @@ class TrainConfig:
     # Optimisation.
     epochs: int
     batch_size: int  # global: split across processes under DDP
-    optimizer: str  # key of engine.OPTIMIZERS
+    optimizer: str  # key of optim.OPTIMIZERS
     learning_rate: float  # the head's
     layer_lr_decay: float
     momentum: float
     nesterov: bool
     weight_decay: float
-    schedule: str  # key of engine.SCHEDULES
+    schedule: str  # key of optim.SCHEDULES
     warmup_epochs: float
     label_smoothing: float
     head_dropout: float

@@ -36,20 +36,15 @@ ranks cannot drift apart.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
 import hashlib
 import logging
 import math
 import os
-import random
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -58,15 +53,18 @@ from torch.utils.data import DataLoader
 
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service import backbones
-from service.errors import Cancelled, InvalidArgument
+from service.errors import InvalidArgument
 from service.manifest import Manifest
 from service.training import checkpoint, data, protocol, strategies
 from service.training.config import TrainConfig
+from service.training.devices import Processes, autocast, autocast_dtype, broadcast, seed_everything, setup_processes, to_device
+from service.training.features import FeatureCache, build_feature_cache, frozen_features
+from service.training.optim import OPTIMIZERS, SCHEDULES
+from service.training.progress import Progress
 from service.training.metrics import report_from_predictions
 
 log = logging.getLogger("tlserve.training")
 
-REPORT_INTERVAL_SECONDS = 1.0
 S = pb.Strategy
 
 
@@ -88,282 +86,6 @@ class TrainResult:
     best_epoch: int  # 1-based
     epochs_run: int
     parameter_count: int
-
-
-# -- optimisers and schedules ---------------------------------------------------------
-
-
-def _fused(groups: list[dict]) -> bool:
-    """The fused (single-kernel) optimiser step where every parameter can take it:
-    floating point, on the CPU or a CUDA device. It reads and writes each parameter,
-    gradient and state buffer once per step, where the default multi-tensor
-    ("foreach") step makes a pass per arithmetic operation: for SGD with momentum,
-    nesterov and weight decay on resnet18 on a 2-core CPU that is 8 ms against 58 ms
-    a step (AdamW: 12 against 83), about a tenth of a whole training step."""
-    return all(
-        p.is_floating_point() and p.device.type in ("cpu", "cuda") for group in groups for p in group["params"]
-    )
-
-
-def _sgd(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(
-        groups, lr=config.learning_rate, momentum=config.momentum, nesterov=config.nesterov,
-        weight_decay=config.weight_decay, fused=_fused(groups) or None,
-    )
-
-
-def _adamw(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay, fused=_fused(groups) or None)
-
-
-OPTIMIZERS: dict[str, Callable[[list[dict], TrainConfig], torch.optim.Optimizer]] = {"sgd": _sgd, "adamw": _adamw}
-
-
-# A schedule is a factor on each param group's base rate, as a function of the
-# optimiser step (LambdaLR), built from the run's total and warmup step counts.
-def _cosine(total: int, warmup: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup  # linear warmup, never exactly 0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def _one_cycle(total: int, warmup: int) -> Callable[[int], float]:
-    # torch's OneCycleLR shape with its defaults (pct_start 0.3, div_factor 25,
-    # final_div_factor 1e4, cosine both ways), on the rate only: its own 30 %
-    # ramp replaces `warmup`.
-    peak = max(1, round(0.3 * total))
-    start, end = 1 / 25, 1 / 25 / 1e4
-
-    def factor(step: int) -> float:
-        if step < peak:
-            return start + (1 - start) * (1 - math.cos(math.pi * step / peak)) / 2
-        progress = min(1.0, (step - peak) / max(1, total - peak))
-        return end + (1 - end) * (1 + math.cos(math.pi * progress)) / 2
-
-    return factor
-
-
-def _constant(total: int, warmup: int) -> Callable[[int], float]:
-    return lambda step: (step + 1) / warmup if step < warmup else 1.0
-
-
-SCHEDULES: dict[str, Callable[[int, int], Callable[[int], float]]] = {
-    "cosine": _cosine,
-    "one_cycle": _one_cycle,
-    "constant": _constant,
-}
-
-
-# -- device, precision, processes ---------------------------------------------------------
-
-
-def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """None (fp32) on the CPU or when mixed precision is off; bf16 where the GPU
-    has it, else fp16 (which needs a GradScaler)."""
-    if device.type != "cuda" or config.mixed_precision == "off":
-        return None
-    if config.mixed_precision == "fp16" or not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-@dataclasses.dataclass
-class Processes:
-    rank: int = 0
-    world_size: int = 1
-    owns_group: bool = False  # fine_tune started the process group and ends it
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_processes(device: torch.device) -> Processes:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return Processes()
-    owns = False
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        owns = True
-    return Processes(rank=dist.get_rank(), world_size=dist.get_world_size(), owns_group=owns)
-
-
-def _broadcast(values: list[float], procs: Processes, device: torch.device) -> list[float]:
-    """Rank 0's `values` on every rank (nccl needs the tensor on the GPU)."""
-    if not procs.distributed:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
-    dist.broadcast(tensor, src=0)
-    return tensor.tolist()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # every CUDA device too
-
-
-@contextlib.contextmanager
-def _side_stream(seed: int, device: torch.device):
-    """Runs a block (probe, feature cache) on its own seeded RNG stream and puts the
-    global RNG back after, so the training run's random numbers do not depend on
-    whether the block ran (it does not run again on resume when cached)."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-# -- progress ------------------------------------------------------------------
-
-
-class Progress:
-    """Turns the loop's counters into JobEvents on rank 0, and polls cancellation."""
-
-    def __init__(self, reporter: Reporter, procs: Processes, device: torch.device, total_epochs: int) -> None:
-        self.reporter, self.procs, self.device = reporter, procs, device
-        self.total_epochs = total_epochs
-        self.total_steps = 0
-        self.unfrozen: list[str] = []
-        self._last_report = time.monotonic()
-        self._images_since = 0
-        self._epoch_seconds: list[float] = []
-        self._epoch_started = time.monotonic()
-        self._epoch_fraction = 0.0
-
-    def check_cancelled(self, *, collective: bool = True) -> None:
-        """Raises errors.Cancelled when the job is cancelled (within one step of
-        `Reporter.cancelled()`). Under DDP (`collective`) rank
-        0's answer is broadcast, so that every rank stops at the same step."""
-        flag = self.reporter.cancelled() if self.procs.main or not collective else False
-        if collective and self.procs.distributed:
-            flag = _broadcast([float(flag)], self.procs, self.device)[0] > 0
-        if flag:
-            raise Cancelled("the job was cancelled")
-
-    def emit(self, **fields) -> None:
-        if self.procs.main:
-            event = pb.JobEvent(total_epochs=self.total_epochs, total_steps=self.total_steps, unfrozen_groups=self.unfrozen, **fields)
-            eta = self._eta()
-            if eta is not None:
-                event.eta.FromTimedelta(datetime.timedelta(seconds=eta))
-            self.reporter.report(event)
-
-    def phase(self, phase: int, message: str, **fields) -> None:
-        self.emit(phase=phase, message=message, **fields)
-
-    def start_epoch(self) -> None:
-        self._epoch_started = time.monotonic()
-        self._epoch_fraction = 0.0
-
-    def step(self, *, epoch: int, step: int, steps_in_epoch: int, step_in_epoch: int, images: int, stats: Callable[[], dict]) -> None:
-        """Called after every optimiser step; reports at most every REPORT_INTERVAL_SECONDS."""
-        self._images_since += images
-        self._epoch_fraction = step_in_epoch / max(1, steps_in_epoch)
-        now = time.monotonic()
-        elapsed = now - self._last_report
-        if elapsed >= REPORT_INTERVAL_SECONDS:
-            # Under DDP `images` are this rank's; all ranks step together.
-            rate = self._images_since * self.procs.world_size / elapsed
-            self.emit(phase=pb.JOB_PHASE_TRAINING, epoch=epoch, step=step, images_per_second=rate, **stats())
-            self._last_report, self._images_since = now, 0
-
-    def end_epoch(self, **fields) -> None:
-        self._epoch_seconds.append(time.monotonic() - self._epoch_started)
-        self._epoch_fraction = 0.0
-        self.emit(phase=pb.JOB_PHASE_TRAINING, **fields)
-
-    def _eta(self) -> float | None:
-        # Average epoch time of this attempt × epochs left (an upper bound when
-        # early stopping ends the job sooner).
-        if not self._epoch_seconds:
-            return None
-        done = len(self._epoch_seconds) + self._epoch_fraction + self.epochs_before
-        mean = sum(self._epoch_seconds) / len(self._epoch_seconds)
-        return max(0.0, (self.total_epochs - done) * mean)
-
-    epochs_before = 0  # epochs finished by earlier attempts (resume)
-
-
-# -- features -----------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def extract_features(
-    trunk: nn.Module, loader: DataLoader, device: torch.device, dtype: torch.dtype | None, check: Callable[[], None]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Trunk features of every image in `loader` -> ((N, D) float32 CPU, (N,) labels)."""
-    trunk.eval()
-    features, labels = [], []
-    for images, targets in loader:
-        check()
-        images = _to_device(images, device)  # (B, 3, H, W)
-        with _autocast(device, dtype):
-            features.append(trunk(images).float().cpu())  # (B, D)
-        labels.append(targets)
-    if not features:  # an empty split (no val images): (0, 0) features, which the head never sees
-        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
-    return torch.cat(features), torch.cat(labels)
-
-
-def frozen_features(
-    trunk: nn.Module,
-    dataset: torch.utils.data.Dataset,
-    *,
-    batch_size: int,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    check: Callable[[], None],
-    seed: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`extract_features` over every image of `dataset` in order, on a side RNG stream
-    seeded with `seed`: the features and the global RNG afterwards are the same whatever
-    ran before. AUTO's probe and CompareBackbones' probes read their images this way."""
-    loader = data.make_loader(dataset, batch_size, shuffle=False, device=device)
-    with _side_stream(seed, device):
-        return extract_features(trunk, loader, device, dtype, check)
-
-
-@dataclasses.dataclass
-class FeatureCache:
-    """Frozen-trunk features: the eval view of every training image, then, with
-    augmentation on, `cached_views` augmented views of it; and the validation images."""
-
-    train: torch.Tensor  # (V, N, D) float32, CPU; view 0 is the eval view
-    train_labels: torch.Tensor  # (N,)
-    val: torch.Tensor  # (M, D)
-    val_labels: torch.Tensor  # (M,)
-
-
-def build_feature_cache(job: _Job) -> FeatureCache:
-    config = job.config
-    views = 1 + config.cached_views if config.augment else 1
-    job.progress.phase(pb.JOB_PHASE_CACHING_FEATURES, f"computing frozen features: {views} view(s) of {len(job.train_set)} training images")
-    train = []
-    labels = None
-    for view in range(views):
-        # Each view on its own seeded stream: the cache is the same on every
-        # attempt and every rank, whatever ran before.
-        with _side_stream(config.seed * 7919 + view, job.device):
-            dataset = job.train_set if view > 0 else job.train_eval_set
-            loader = data.make_loader(dataset, config.batch_size, shuffle=False, device=job.device, seed=config.seed + view)
-            features, labels = extract_features(job.built.trunk, loader, job.device, job.amp, job.check)
-        train.append(features)
-    val, val_labels = extract_features(job.built.trunk, job.val_loader, job.device, job.amp, job.check)
-    return FeatureCache(train=torch.stack(train), train_labels=labels, val=val, val_labels=val_labels)
 
 
 # -- one epoch ---------------------------------------------------------------------------
@@ -395,14 +117,6 @@ class EpochStats:
 
     def running(self) -> dict:
         return {"train_loss": self.loss_sum.item() / max(1, self.seen), "train_accuracy": self.correct.item() / max(1, self.seen)}
-
-
-def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        # Pinned host memory + non_blocking overlaps the copy with compute;
-        # channels_last is what cuDNN's fast convolution kernels want.
-        return images.to(device, non_blocking=True, memory_format=torch.channels_last)
-    return images
 
 
 def _optimiser_step(job: _Job, loss: torch.Tensor, params: list[torch.Tensor]) -> None:
@@ -439,9 +153,9 @@ def train_one_epoch(job: _Job, model: nn.Module, epoch: int) -> tuple[float, flo
     params = [p for p in job.built.model.parameters() if p.requires_grad]
     for i, (images, labels) in enumerate(loader):
         job.check()
-        images = _to_device(images, job.device)  # (B, 3, H, W)
+        images = to_device(images, job.device)  # (B, 3, H, W)
         labels = labels.to(job.device, non_blocking=True)  # (B,)
-        with _autocast(job.device, job.amp):
+        with autocast(job.device, job.amp):
             logits = model(images)  # (B, C)
         _learn(job, stats, params, logits, labels, epoch=epoch, step_in_epoch=i + 1, steps_in_epoch=len(loader))
     return stats.totals(job.procs, job.device)
@@ -495,8 +209,8 @@ def evaluate(
     for images, targets in loader:
         if check is not None:
             check()
-        with _autocast(device, autocast_dtype):
-            logits.append(model(_to_device(images, device)).float().cpu())  # (B, C)
+        with autocast(device, autocast_dtype):
+            logits.append(model(to_device(images, device)).float().cpu())  # (B, C)
         labels.append(targets)
     return _report(logits, labels, class_names)
 
@@ -821,7 +535,7 @@ def train(job: _Job, decision, state: dict | None, ckpt_path: Path, fingerprint:
                               check=None if procs.distributed else job.check)
             )
             val_loss, val_acc = val.loss, val.top1_accuracy
-        val_loss, val_acc = _broadcast([val_loss, val_acc], procs, job.device)
+        val_loss, val_acc = broadcast([val_loss, val_acc], procs, job.device)
 
         # Best weights and early stopping, under the holdout protocol only: otherwise
         # (too few val images to choose with) every epoch counts as the best, so the
