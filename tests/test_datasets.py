@@ -19,6 +19,8 @@ from PIL import Image, ImageFile
 
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service import datasets as dsmod
+from service.datasets import archive
+from service.datasets import upload as upload_module
 from service.config import Settings
 from service.datasets import Datasets, split_sizes
 from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -547,7 +549,7 @@ def test_remove_leftovers_clears_crash_debris_only(ds, folder, tmp_path):
 
 
 def test_a_huge_tar_header_is_refused_before_it_is_read(ds, folder, monkeypatch):
-    monkeypatch.setattr(dsmod, "_MAX_TAR_READ_BYTES", 1024)  # the real cap is 16 MiB; same code path
+    monkeypatch.setattr(archive, "_MAX_TAR_READ_BYTES", 1024)  # the real cap is 16 MiB; same code path
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT) as tf:
         tf.add(folder / "star", "star")
@@ -572,7 +574,7 @@ def test_cancel_while_finishing_removes_everything(ds, folder, tmp_path, monkeyp
         up.abort()  # as the servicer would, from the event loop, while finish() runs in a thread
         return plan(*args)
 
-    monkeypatch.setattr(dsmod, "plan_layout", plan_then_cancel)
+    monkeypatch.setattr(upload_module, "plan_layout", plan_then_cancel)
     with pytest.raises(FailedPrecondition, match="cancelled"):
         up.finish()
     assert snapshot(ds) == before

@@ -31,6 +31,19 @@ freeze and unfreeze (`layer_groups(name)` gives the names without building).
 
 from __future__ import annotations
 
+from service.backbones.building import (  # noqa: F401 - the package's API
+    BuiltModel,
+    Classifier,
+    LayerGroup,
+    build,
+    count_gflops,
+    load_published,
+    rebuild,
+    trainable_groups,
+)
+from service.backbones.family_rules import (  # noqa: F401 - the package's API
+    layer_groups,
+)
 from service.backbones.registry import (  # noqa: F401 - the package's API
     BackboneSpec,
     Preprocessing,
@@ -57,17 +70,4 @@ from service.backbones.weights import (  # noqa: F401 - the package's API
     ensure_cached,
     load_pretrained_state_dict,
     weights_path,
-)
-from service.backbones.family_rules import (  # noqa: F401 - the package's API
-    layer_groups,
-)
-from service.backbones.building import (  # noqa: F401 - the package's API
-    BuiltModel,
-    Classifier,
-    LayerGroup,
-    build,
-    count_gflops,
-    load_published,
-    rebuild,
-    trainable_groups,
 )

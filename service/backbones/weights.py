@@ -9,18 +9,23 @@ import hashlib
 import os
 import re
 from collections import OrderedDict
-from typing import TYPE_CHECKING
 from collections.abc import Callable, Mapping
 from pathlib import Path
-
+from typing import TYPE_CHECKING
 
 import torch
 import torch.hub
 from torch import nn
 from torchvision.models import WeightsEnum
 
+from service.backbones.registry import (
+    Preprocessing,
+    WeightsHashMismatch,
+    WeightsNotCached,
+    WeightsSpec,
+    weights_file_name,
+)
 from service.errors import InvalidArgument, NotFound
-from service.backbones.registry import Preprocessing, WeightsHashMismatch, WeightsNotCached, WeightsSpec, weights_file_name
 
 if TYPE_CHECKING:
     from service.backbones.family_rules import _FamilyRule

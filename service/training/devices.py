@@ -14,7 +14,6 @@ import torch.distributed as dist
 
 from service.training.config import TrainConfig
 
-
 # -- device, precision, processes ---------------------------------------------------------
 
 

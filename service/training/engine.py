@@ -57,11 +57,19 @@ from service.errors import InvalidArgument
 from service.manifest import Manifest
 from service.training import checkpoint, data, protocol, strategies
 from service.training.config import TrainConfig
-from service.training.devices import Processes, autocast, autocast_dtype, broadcast, seed_everything, setup_processes, to_device
+from service.training.devices import (
+    Processes,
+    autocast,
+    autocast_dtype,
+    broadcast,
+    seed_everything,
+    setup_processes,
+    to_device,
+)
 from service.training.features import FeatureCache, build_feature_cache, frozen_features
+from service.training.metrics import report_from_predictions
 from service.training.optim import OPTIMIZERS, SCHEDULES
 from service.training.progress import Progress
-from service.training.metrics import report_from_predictions
 
 log = logging.getLogger("tlserve.training")
 

@@ -11,7 +11,6 @@ import torch
 
 from service.training.config import TrainConfig
 
-
 # -- optimisers and schedules ---------------------------------------------------------
 
 
