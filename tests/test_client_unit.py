@@ -19,6 +19,9 @@ import pytest
 
 import client
 from client import AsyncClient, Client, TLServeError, cli, parse_model_ref, pb
+from client.cli import commands as cli_commands
+from client.cli import parser as cli_parser
+from client.cli import render as cli_render
 from client import _common as c
 
 SERVICE = pb.DESCRIPTOR.services_by_name["TLServe"]
@@ -372,17 +375,17 @@ def test_bad_download_raises_data_loss_and_leaves_nothing(tmp_path, stream):
 
 
 def test_human_readable_numbers():
-    assert cli.human_bytes(46_830_571) == "44.7 MB"  # resnet18's weights file
-    assert cli.human_bytes(512) == "512 B"
-    assert cli.human_bytes(3 * 1024**3) == "3.0 GB"
-    assert cli.percent(0.69758) == "69.76%"
-    assert cli.gflops(1.814) == "1.81"
-    assert cli.millions(11_689_512) == "11.7"
-    assert cli.duration(200) == "3m20s" and cli.duration(3720) == "1h02m" and cli.duration(5) == "5s"
+    assert cli_render.human_bytes(46_830_571) == "44.7 MB"  # resnet18's weights file
+    assert cli_render.human_bytes(512) == "512 B"
+    assert cli_render.human_bytes(3 * 1024**3) == "3.0 GB"
+    assert cli_render.percent(0.69758) == "69.76%"
+    assert cli_render.gflops(1.814) == "1.81"
+    assert cli_render.millions(11_689_512) == "11.7"
+    assert cli_render.duration(200) == "3m20s" and cli_render.duration(3720) == "1h02m" and cli_render.duration(5) == "5s"
 
 
 def test_table_right_aligns_numeric_columns():
-    text = cli.render_table(
+    text = cli_render.render_table(
         ["name", "params (M)", "top-1", "file size", "cached"],
         [["resnet18", "11.7", "69.76%", "44.7 MB", "no"], ["resnet152", "60.2", "82.28%", "230.5 MB", "yes"]],
     )
@@ -394,12 +397,12 @@ def test_table_right_aligns_numeric_columns():
 
 
 def test_table_with_no_rows_is_the_header():
-    assert cli.render_table(["a", "bb"], []) == "a  bb"
+    assert cli_render.render_table(["a", "bb"], []) == "a  bb"
 
 
 def test_progress_on_a_pipe_prints_a_line_per_tenth():
     out = io.StringIO()
-    bar = cli.Progress(out, tty=False, width=10)
+    bar = cli_render.Progress(out, tty=False, width=10)
     for done in range(0, 101):
         bar.update(done, 100, label="dl")
     bar.close()
@@ -412,7 +415,7 @@ def test_progress_on_a_pipe_prints_a_line_per_tenth():
 def test_progress_on_a_terminal_redraws_in_place_and_throttles():
     out = io.StringIO()
     now = [0.0]
-    bar = cli.Progress(out, tty=True, width=4, min_interval=1.0, clock=lambda: now[0])
+    bar = cli_render.Progress(out, tty=True, width=4, min_interval=1.0, clock=lambda: now[0])
     bar.update(1, 4, label="x")
     bar.update(2, 4, label="x")  # within min_interval: skipped
     now[0] = 2.0
@@ -425,7 +428,7 @@ def test_progress_on_a_terminal_redraws_in_place_and_throttles():
 
 
 def test_progress_without_total_shows_the_count():
-    assert cli.render_progress(1234, 0, label="up", fmt=cli.human_bytes) == "up 1.2 KB"
+    assert cli_render.render_progress(1234, 0, label="up", fmt=cli_render.human_bytes) == "up 1.2 KB"
 
 
 # --- CLI --------------------------------------------------------------------------------------------
@@ -451,13 +454,13 @@ def test_help_exits_0(capsys):
 
 def test_global_options_work_before_and_after_the_subcommand(monkeypatch):
     monkeypatch.setenv("TLSERVE_ADDRESS", "envhost:1")
-    parser = cli.build_parser()
+    parser = cli_parser.build_parser()
     args = parser.parse_args(["--address", "a:1", "--json", "models", "show", "m:2"])
     assert (args.address, args.json, args.model) == ("a:1", True, pb.ModelRef(name="m", version=2))
     args = parser.parse_args(["datasets", "upload", "d.zip", "--name", "n", "--address", "b:2", "--timeout", "3"])
-    assert (args.address, args.timeout, args.func) == ("b:2", 3.0, cli.cmd_datasets_upload)
+    assert (args.address, args.timeout, args.func) == ("b:2", 3.0, cli_commands.cmd_datasets_upload)
     args = parser.parse_args(["datasets"])
-    assert (args.address, args.func) == ("envhost:1", cli.cmd_datasets_list)
+    assert (args.address, args.func) == ("envhost:1", cli_commands.cmd_datasets_list)
 
 
 def test_serve_passes_the_rest_of_the_line_to_the_server():

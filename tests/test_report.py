@@ -16,6 +16,9 @@ import sys
 import pytest
 
 from client import cli, pb
+from client.cli import commands as cli_commands
+from client.cli import parser as cli_parser
+from client.cli import render as cli_render
 from client import report as r
 
 MIB = 1024 * 1024
@@ -98,8 +101,8 @@ def test_points_from_a_profile_carry_its_figures_and_variant_labels(profile):
 
 
 def test_table_rows_of_a_known_model_show_its_figures(profile):
-    rows = {(row[0], row[1]): dict(zip(r.TABLE_HEADERS, row)) for row in cli.profile_rows(profile)}
-    assert cli.REPORT_HEADERS == r.TABLE_HEADERS
+    rows = {(row[0], row[1]): dict(zip(r.TABLE_HEADERS, row)) for row in cli_commands.profile_rows(profile)}
+    assert cli_commands.REPORT_HEADERS == r.TABLE_HEADERS
     int8 = rows["pets:3", "onnx int8"]
     assert int8["p50 ms"] == "3.10" and int8["p95 ms"] == "3.72"
     assert int8["size"] == "11.2 MB" and int8["peak mem"] == "100.0 MB"
@@ -109,7 +112,7 @@ def test_table_rows_of_a_known_model_show_its_figures(profile):
     assert rows["pets:3", "onnx fp16"]["accuracy"] == "-" and rows["pets:3", "onnx fp16"]["pareto"] == ""
     assert rows["pets:3", "pytorch"]["pareto"] == "yes"  # 92.1%: the most accurate, however slow
     # Table rendering right-aligns the figures.
-    table = cli.render_table(cli.REPORT_HEADERS, cli.profile_rows(profile))
+    table = cli_render.render_table(cli_commands.REPORT_HEADERS, cli_commands.profile_rows(profile))
     assert "91.20%" in table and "44.7 MB" in table
 
 
@@ -333,13 +336,13 @@ def test_the_client_imports_matplotlib_only_for_a_chart():
 
 
 def test_report_parser_accepts_the_report_options():
-    args = cli.build_parser().parse_args([
+    args = cli_parser.build_parser().parse_args([
         "report", "pets:3", "flowers", "--remeasure", "--batch-size", "8", "--measure-accuracy",
         "--compare-backbones", "pets", "--backbones", "resnet18, mobilenet_v3_small,", "--weights", "none",
         "--max-images-per-class", "20", "--image-size", "160", "--max-latency-ms", "5", "--max-size-mb", "20",
         "--max-memory-mb", "512", "--out", "out", "--no-chart",
     ])
-    assert args.func is cli.cmd_report
+    assert args.func is cli_commands.cmd_report
     assert args.models == [pb.ModelRef(name="pets", version=3), pb.ModelRef(name="flowers")]
     assert (args.remeasure, args.batch_size, args.measure_accuracy) == (True, 8, True)
     assert (args.compare_backbones, args.weights) == ("pets", "NONE")
@@ -347,16 +350,16 @@ def test_report_parser_accepts_the_report_options():
     assert (args.max_images_per_class, args.image_size) == (20, 160)
     assert (args.max_latency_ms, args.max_size_mb, args.max_memory_mb) == (5.0, 20.0, 512.0)
     assert (args.out, args.no_chart) == ("out", True)
-    budget = cli._report_budget(args)
+    budget = cli_commands._report_budget(args)
     assert budget == r.Budget(max_latency_seconds=0.005, max_size_bytes=20 * MIB, max_memory_bytes=512 * MIB)
 
 
 def test_report_defaults():
-    args = cli.build_parser().parse_args(["report"])
+    args = cli_parser.build_parser().parse_args(["report"])
     assert args.models == [] and args.compare_backbones is None and args.backbones == []
     assert (args.weights, args.max_images_per_class, args.image_size, args.batch_size) == ("", 0, 0, 0)
     assert args.out == "tlserve-report" and not args.no_chart and not args.remeasure
-    assert not cli._report_budget(args).given
+    assert not cli_commands._report_budget(args).given
 
 
 @pytest.mark.parametrize(
@@ -370,6 +373,6 @@ def test_bad_report_options_exit_2(argv, capsys):
 
 
 def test_probe_options_without_compare_backbones_are_a_usage_error(capsys):
-    args = cli.build_parser().parse_args(["report", "--backbones", "resnet18"])
-    assert cli.cmd_report(None, args) == 2  # refused before any call
+    args = cli_parser.build_parser().parse_args(["report", "--backbones", "resnet18"])
+    assert cli_commands.cmd_report(None, args) == 2  # refused before any call
     assert "--compare-backbones" in capsys.readouterr().err
