@@ -224,6 +224,17 @@ def test_auto_picks_full_for_a_small_set_with_its_defaults_and_states_why(tmp_pa
     assert result.config.optimizer == "adamw" and result.config.learning_rate == 3e-4  # FULL's own defaults
 
 
+def test_auto_picks_progressive_unfreezing_around_ten_per_class_and_records_its_reach(shapes, tmp_path):
+    request = pb.FineTuneRequest(backbone="resnet18", image_size=32, seed=1)  # strategy unset: AUTO
+    request.training.epochs = 4
+    config = TrainConfig.from_request(request, num_classes=3, train_images_per_class=8, device_type="cpu")
+    result = run(config, shapes, tmp_path, name="prog")
+    decision = result.decision
+    assert decision.strategy == pb.STRATEGY_PROGRESSIVE_UNFREEZING and "progressive unfreezing" in decision.reason
+    assert decision.trainable_groups == 1  # 4 epochs, 3 per phase: the head alone, then the top group
+    assert result.config.learning_rate == 1e-3 and result.config.epochs_per_phase == 3  # its own defaults
+
+
 def test_cached_fitted_head_fits_as_well_as_epochs_of_the_uncached_head(memorise, tmp_path):
     # Cached: logistic regression fitted to its optimum on the frozen features; uncached:
     # 6 epochs of the head on images. Both must fit the 24 training images, and the

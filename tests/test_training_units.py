@@ -127,8 +127,9 @@ def test_batchnorm_statistics_are_frozen_only_for_tiny_steps_from_trained_weight
             request.training.batch_size = batch
         return _config(request, num_classes=classes, train_images_per_class=per_class).batchnorm_statistics
 
-    # A step sees the whole training set when it is smaller than the batch: 3 or 6 images.
-    assert resolved(1) == "frozen" and resolved(2) == "frozen"
+    # A step sees the whole training set when it is smaller than the batch: 3, 5 or 6 images.
+    assert resolved(1) == "frozen" and resolved(1, classes=5) == "frozen"
+    assert resolved(2) == "update"  # 6 images: as many as a step needs to update
     assert resolved(3) == "update"  # 9 images: batch 8
     assert resolved(3, scratch=True) == "update" and resolved(1, scratch=True) == "update"  # nothing to keep
     assert resolved(100, batch=4) == "frozen"
@@ -136,7 +137,7 @@ def test_batchnorm_statistics_are_frozen_only_for_tiny_steps_from_trained_weight
     assert resolved(1, strategy=pb.STRATEGY_PARTIAL) == "update"
     assert resolved(1, strategy=pb.STRATEGY_PROGRESSIVE_UNFREEZING) == "update"
     assert resolved(100, batch=16, devices=2) == "update"  # 8 per process
-    assert resolved(100, batch=14, devices=2) == "frozen" and resolved(100, batch=32, devices=2) == "update"
+    assert resolved(100, batch=10, devices=2) == "frozen" and resolved(100, batch=32, devices=2) == "update"
     # The caller's choice wins either way and survives the round trip.
     request = pb.FineTuneRequest(backbone="resnet18", strategy=pb.STRATEGY_FULL)
     request.training.batchnorm_statistics = pb.BATCHNORM_STATISTICS_UPDATE
@@ -338,8 +339,8 @@ def test_probe_is_leave_one_out_nearest_mean():
         (2, 0.9, pb.STRATEGY_FULL, 5),
         (3, 0.9, pb.STRATEGY_FULL, 5),
         (5.9, 0.9, pb.STRATEGY_FULL, 5),
-        (6, 0.1, pb.STRATEGY_PARTIAL, 3),  # 6 to 14 per class: the top half, whatever the probe says
-        (10, 0.9, pb.STRATEGY_PARTIAL, 3),
+        (6, 0.1, pb.STRATEGY_PROGRESSIVE_UNFREEZING, 5),  # 6 to 14 per class, whatever the probe says
+        (14.9, 0.9, pb.STRATEGY_PROGRESSIVE_UNFREEZING, 5),
         (15, 0.9, pb.STRATEGY_FULL, 5),
         (50, 0.9, pb.STRATEGY_FULL, 5),  # small: the probe does not decide
         (50, 0.1, pb.STRATEGY_FULL, 5),

@@ -423,6 +423,8 @@ def decide_strategy(job: _Job) -> pb.StrategyDecision:
     )
     probe = strategies.probe_accuracy(features, probe_labels, num_classes)
     decision = strategies.decide(images_per_class, probe, num_classes, below)
+    if decision.strategy == S.STRATEGY_PROGRESSIVE_UNFREEZING:
+        decision.trainable_groups = _progressive_reach(config.resolved(decision.strategy, 0), below)
     job.progress.phase(pb.JOB_PHASE_PREPARING, f"AUTO: {decision.reason}")
     return decision
 
