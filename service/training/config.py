@@ -150,7 +150,7 @@ def default_batchnorm(strategy: int, *, from_scratch: bool, batch_size: int, tra
     fewer than BATCHNORM_FROZEN_BELOW images in a process, else "update".
 
     A step's batch is the batch size or the whole training set if smaller, split
-    across the processes. Statistics estimated from 2 to 7 images swing with every
+    across the processes. Statistics estimated from 2 to 5 images swing with every
     step and end far from those of the images the model is evaluated on; the loaded
     weights' statistics are the better estimate then (Keras's transfer-learning
     guide keeps BatchNorm in inference mode when fine-tuning for the same reason).
