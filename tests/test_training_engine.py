@@ -151,13 +151,14 @@ def test_frozen_batchnorm_statistics_stay_while_the_network_trains(shapes, tmp_p
     [
         # Cached features: the head is a logistic regression fitted in one go.
         (pb.STRATEGY_FEATURE_EXTRACTION, {}),
-        (pb.STRATEGY_PARTIAL, {"trainable_groups": 1}),
-        # From random weights, 3 epochs left FULL and progressive unfreezing one to
-        # three images above the bar (0.54-0.63; once 0.46 in a whole-suite run); with
-        # these epochs they fit 23-24 of the 24 images. Progressive at the rate 0.01
-        # was chaotic (0.29-0.71 with the thread count and the tests run before it);
-        # at its default 1e-3 it fits 22-24 at one and two threads.
-        (pb.STRATEGY_FULL, {"lr": 0.003, "optimizer": pb.OPTIMIZER_ADAMW, "epochs": 6}),
+        # From random weights the trained strategies are chaotic: the same seed moves
+        # by several images with the tests run before it in the process (buffer
+        # alignment changes the last bits of a float sum). At 3 epochs and the rate
+        # 0.01, PARTIAL fitted 9-13 of the 24 images over seeds 1-6 and FULL (6 epochs
+        # of AdamW at 0.003) 11-16, straddling the bar; with these settings PARTIAL
+        # fits 22-24, FULL 22-24 and progressive unfreezing 20-24 over the same seeds.
+        (pb.STRATEGY_PARTIAL, {"trainable_groups": 1, "epochs": 6, "lr": 0.003, "optimizer": pb.OPTIMIZER_ADAMW}),
+        (pb.STRATEGY_FULL, {"lr": 0.0003, "optimizer": pb.OPTIMIZER_ADAMW, "epochs": 8}),
         (pb.STRATEGY_PROGRESSIVE_UNFREEZING, {"epochs_per_phase": 1, "epochs": 12, "lr": 0.001}),
         (pb.STRATEGY_PROTOTYPE, {}),
     ],
