@@ -25,6 +25,9 @@ from grpc_reflection.v1alpha import reflection
 
 from client.tlserve.v1 import tlserve_pb2, tlserve_pb2_grpc
 from service import hardware, metrics
+from service.metrics import gpu as _gpu_collector  # noqa: F401 - registers the GPU collector
+from service.metrics import http as metrics_http
+from service.metrics import store as metrics_store
 from service.api import kserve
 from service.api.interceptors import ErrorInterceptor, MessageSizeInterceptor, ObserveInterceptor
 from service.api.servicer import ServerState, TLServeServicer
@@ -67,7 +70,7 @@ class TLServeServer:
         server: grpc.aio.Server,
         health_servicer: health.aio.HealthServicer,
         grpc_port: int,
-        metrics_server: metrics.MetricsServer,
+        metrics_server: metrics_http.MetricsServer,
         metadata: MetadataStore,
         artifacts: ArtifactStore,
         runner: JobRunner,
@@ -134,7 +137,7 @@ class TLServeServer:
         # Training workers stop too; their jobs resume from the last checkpoint at the next start.
         await self._runner.stop()
         self._metrics_server.stop()
-        metrics.STORE.detach(self.metadata)
+        metrics_store.STORE.detach(self.metadata)
         self.metadata.close()
         log.info("stopped")
 
@@ -210,7 +213,7 @@ async def create_server(settings: Settings) -> TLServeServer:
             "(set --grpc-address or TLSERVE_GRPC_ADDRESS)"
         )
     try:
-        metrics_server = metrics.MetricsServer(settings.metrics_address)
+        metrics_server = metrics_http.MetricsServer(settings.metrics_address)
     except OSError as e:
         metadata.close()
         raise ConfigError(
@@ -219,7 +222,7 @@ async def create_server(settings: Settings) -> TLServeServer:
         ) from None
     metrics.BUILD_INFO.labels(version=hardware.versions()["tlserve"], torch_version=hardware.versions()["torch"]).set(1)
     # Models, profiles and jobs are read from the store at each scrape (detached in `stop`).
-    metrics.STORE.attach(metadata, models, jobs)
+    metrics_store.STORE.attach(metadata, models, jobs)
     return TLServeServer(settings, server, health_servicer, grpc_port, metrics_server, metadata, artifacts, runner,
                          inference, readiness)
 

@@ -24,6 +24,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service import metrics
+from service.metrics import gpu as metrics_gpu
+from service.metrics import store as metrics_store
 from service.store import ArtifactStore, MetadataStore
 from service.store.jobs import JobStore
 from service.store.models import ModelStore
@@ -51,7 +53,7 @@ def catalogue() -> dict[str, tuple[str, tuple[str, ...]]]:
     for metric in objects:
         name = metric._name + ("_total" if metric._type == "counter" else "")
         found[name] = (metric._type, tuple(metric._labelnames))
-    for family in (*metrics.STORE_FAMILIES, *metrics.GPU_FAMILIES):
+    for family in (*metrics_store.STORE_FAMILIES, *metrics_gpu.GPU_FAMILIES):
         found[family.name] = ("gauge", family.labels)
     return found
 
@@ -140,7 +142,7 @@ def stores(tmp_path):
 
 @pytest.fixture
 def collector():
-    return metrics.StoreCollector(Counter("errors", "", ["collector"], registry=CollectorRegistry()))
+    return metrics_store.StoreCollector(Counter("errors", "", ["collector"], registry=CollectorRegistry()))
 
 
 def publish_model(models: ModelStore, name: str = "flowers", version: int = 1) -> pb.Model:
@@ -263,7 +265,7 @@ def test_a_store_that_fails_leaves_its_figures_out_counts_the_error_and_the_scra
     publish_model(models)
     registry = CollectorRegistry()
     errors = Counter("errors", "", ["collector"], registry=registry)
-    collector = metrics.StoreCollector(errors)
+    collector = metrics_store.StoreCollector(errors)
     broken = types.SimpleNamespace(summaries=lambda: 1 / 0, all_profiles=models.all_profiles)
     collector.attach(metadata, broken, jobs)
     found = samples(collector)
@@ -279,15 +281,15 @@ def test_two_servers_in_one_process_share_the_registered_collector(stores, tmp_p
     metadata, models, jobs = stores
     other = MetadataStore(tmp_path / "other.db")
     try:
-        metrics.STORE.attach(metadata, models, jobs)
-        metrics.STORE.attach(other, ModelStore(other, ArtifactStore(tmp_path / "a2")), JobStore(other))
+        metrics_store.STORE.attach(metadata, models, jobs)
+        metrics_store.STORE.attach(other, ModelStore(other, ArtifactStore(tmp_path / "a2")), JobStore(other))
         running_job(jobs, "flowers")
         text = prometheus_client.generate_latest().decode()
         assert text.count("# TYPE tlserve_training_jobs gauge") == 1
         assert 'tlserve_training_jobs{state="running"} 1.0' in text  # the first attached wins
     finally:
-        metrics.STORE.detach(metadata)
-        metrics.STORE.detach(other)
+        metrics_store.STORE.detach(metadata)
+        metrics_store.STORE.detach(other)
         other.close()
 
 
@@ -336,7 +338,7 @@ def fake_torch(initialised: bool, devices=((80 << 30, 1 << 30, 2 << 30),)):
 
 def gpu_collector(nvml=None, torch=None, environ=None):
     errors = Counter("errors", "", ["collector"], registry=CollectorRegistry())
-    return metrics.GpuCollector(errors, nvml=lambda: nvml, torch=lambda: torch, environ=environ or {})
+    return metrics_gpu.GpuCollector(errors, nvml=lambda: nvml, torch=lambda: torch, environ=environ or {})
 
 
 def test_without_a_gpu_the_gpu_families_are_absent_not_zero():
@@ -373,11 +375,11 @@ def test_gpu_devices_are_numbered_as_cuda_visible_devices_numbers_them():
         ("tlserve_gpu_memory_used_bytes", frozenset({("device", "cuda:0")})): 2,
     }
     uuid = {0: "GPU-aaaa", 1: "GPU-bbbb"}.__getitem__
-    assert metrics.visible_gpus(None, 2, uuid) == [0, 1]
-    assert metrics.visible_gpus("GPU-bb,0", 2, uuid) == [1, 0]
-    assert metrics.visible_gpus("1,7,0", 2, uuid) == [1]  # CUDA stops at the first unknown device
-    assert metrics.visible_gpus("", 2, uuid) == [] and metrics.visible_gpus("-1", 2, uuid) == []
-    assert metrics.visible_gpus("MIG-1234", 2, uuid) == []
+    assert metrics_gpu.visible_gpus(None, 2, uuid) == [0, 1]
+    assert metrics_gpu.visible_gpus("GPU-bb,0", 2, uuid) == [1, 0]
+    assert metrics_gpu.visible_gpus("1,7,0", 2, uuid) == [1]  # CUDA stops at the first unknown device
+    assert metrics_gpu.visible_gpus("", 2, uuid) == [] and metrics_gpu.visible_gpus("-1", 2, uuid) == []
+    assert metrics_gpu.visible_gpus("MIG-1234", 2, uuid) == []
 
 
 def test_torch_alone_gives_its_own_figures_and_the_device_total():
@@ -392,7 +394,7 @@ def test_a_failing_driver_is_counted_and_leaves_the_rest():
             raise self.NVMLError("GPU is lost")
 
     registry = CollectorRegistry()
-    collector = metrics.GpuCollector(Counter("errors", "", ["collector"], registry=registry),
+    collector = metrics_gpu.GpuCollector(Counter("errors", "", ["collector"], registry=registry),
                                      nvml=lambda: Broken([("GPU-a", 1, 1)]),
                                      torch=lambda: fake_torch(initialised=True), environ={})
     found = samples(collector)
