@@ -1,6 +1,10 @@
 # The tlserve server image.
 #   docker build -t tlserve .
-#   docker run -p 50051:50051 -p 9464:9464 -v tlserve-home:/var/lib/tlserve tlserve
+#   tlserve token deployer admin         # prints a token and its tokens-file line; put the line in ./tokens
+#   docker run -p 50051:50051 -p 9464:9464 -v tlserve-home:/var/lib/tlserve \
+#     -v "$PWD/tokens:/etc/tlserve/auth/tokens:ro" -e TLSERVE_AUTH_TOKENS_FILE=/etc/tlserve/auth/tokens tlserve
+# It listens on 0.0.0.0, so it refuses to start without a tokens file (or an
+# explicit TLSERVE_INSECURE=1). TLS: TLSERVE_TLS_CERT_FILE / TLSERVE_TLS_KEY_FILE.
 # The torch wheel pinned in constraints.txt is a CUDA build: the same image runs
 # on CPU nodes and, with the NVIDIA container runtime, on GPU nodes.
 FROM python:3.11-slim-bookworm

@@ -16,7 +16,7 @@ import importlib.metadata
 
 from client._aio import AsyncClient
 from client._client import Client
-from client._common import TLServeError, parse_model_ref
+from client._common import TLS, TLServeError, parse_model_ref
 from client.tlserve.v1 import tlserve_pb2 as pb
 
 try:
@@ -24,4 +24,4 @@ try:
 except importlib.metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0"
 
-__all__ = ["AsyncClient", "Client", "TLServeError", "__version__", "parse_model_ref", "pb"]
+__all__ = ["TLS", "AsyncClient", "Client", "TLServeError", "__version__", "parse_model_ref", "pb"]

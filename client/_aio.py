@@ -64,15 +64,22 @@ class AsyncClient:
         timeout: float | None = 30.0,
         max_message_bytes: int = 64 * 1024 * 1024,
         metadata: Sequence[tuple[str, str]] = (),
+        token: str | None = None,
+        tls: c.TLS | None = None,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
-        self.metadata = tuple(metadata)
+        credentials, self.metadata = c.channel_security(token, tls, tuple(metadata))
         self._owns_channel = channel is None
-        self._channel = channel or grpc.aio.insecure_channel(
-            address, options=c.channel_options(max_message_bytes)
-        )
+        if channel is None:
+            options = c.channel_options(max_message_bytes)
+            channel = (
+                grpc.aio.secure_channel(address, credentials, options=options)
+                if credentials is not None
+                else grpc.aio.insecure_channel(address, options=options)
+            )
+        self._channel = channel
         self._stub = tlserve_pb2_grpc.TLServeStub(self._channel)
 
     async def close(self) -> None:

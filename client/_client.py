@@ -55,9 +55,13 @@ class Client:
     """Synchronous client of one tlserve server.
 
     `timeout` is the default deadline of unary calls in seconds (None: no
-    deadline). `metadata` is sent with every call. A `channel` given by the
-    caller is used as is (its options are the caller's) and not closed by
-    `close()`.
+    deadline). `metadata` is sent with every call. `token` is a bearer token
+    for a server started with --auth-tokens-file; `tls` (a `TLS`) connects over
+    TLS, with a client certificate for mutual TLS. A `channel` given by the
+    caller is used as is (its options and credentials are the caller's) and not
+    closed by `close()`.
+
+        Client("tlserve.example:50051", token=os.environ["TLSERVE_TOKEN"], tls=TLS(ca_file="ca.pem"))
     """
 
     def __init__(
@@ -67,13 +71,22 @@ class Client:
         timeout: float | None = 30.0,
         max_message_bytes: int = 64 * 1024 * 1024,
         metadata: Sequence[tuple[str, str]] = (),
+        token: str | None = None,
+        tls: c.TLS | None = None,
         channel: grpc.Channel | None = None,
     ) -> None:
         self.address = address
         self.timeout = timeout
-        self.metadata = tuple(metadata)
+        credentials, self.metadata = c.channel_security(token, tls, tuple(metadata))
         self._owns_channel = channel is None
-        self._channel = channel or grpc.insecure_channel(address, options=c.channel_options(max_message_bytes))
+        if channel is None:
+            options = c.channel_options(max_message_bytes)
+            channel = (
+                grpc.secure_channel(address, credentials, options=options)
+                if credentials is not None
+                else grpc.insecure_channel(address, options=options)
+            )
+        self._channel = channel
         self._stub = tlserve_pb2_grpc.TLServeStub(self._channel)
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -52,6 +53,15 @@ def _non_negative_float(value: str) -> float:
     return number
 
 
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"must be true or false, got {value!r}")
+
+
 def _choice(*choices: str):
     def parse(value: str) -> str:
         if value.lower() not in choices:
@@ -72,6 +82,17 @@ def split_address(address: str) -> tuple[str, int]:
 def _address(value: str) -> str:
     split_address(value)
     return value
+
+
+def is_loopback(address: str) -> bool:
+    """Whether HOST:PORT listens on this machine only (127.0.0.0/8, ::1, localhost)."""
+    host = split_address(address)[0].strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +151,25 @@ class Settings:
     )
     log_level: str = _setting("info", "debug, info, warning or error", _choice("debug", "info", "warning", "error"))
     log_format: str = _setting("json", "json (one object per line) or text", _choice("json", "text"))
+    auth_tokens_file: pathlib.Path | None = _setting(
+        None, "bearer tokens and their roles, one 'NAME ROLES SECRET' per line (see service/auth.py); reread on "
+        "SIGHUP. Without it every call is allowed, which only a loopback address or --insecure permits",
+        _path,
+    )
+    insecure: bool = _setting(
+        False, "allow listening on a non-loopback address without --auth-tokens-file (anyone who reaches the "
+        "port may upload, train, export and delete)", _bool,
+    )
+    tls_cert_file: pathlib.Path | None = _setting(
+        None, "PEM certificate chain: serve gRPC over TLS (with --tls-key-file)", _path
+    )
+    tls_key_file: pathlib.Path | None = _setting(None, "PEM private key of --tls-cert-file", _path)
+    tls_client_ca_file: pathlib.Path | None = _setting(
+        None, "PEM CA bundle: mutual TLS, every client must present a certificate signed by it", _path
+    )
+    metrics_tls: bool = _setting(
+        False, "serve the metrics endpoint over TLS too, with the same certificate (and client CA)", _bool
+    )
     ready_file: pathlib.Path | None = _setting(
         None, "once serving, write the bound addresses here as JSON (for scripts and tests)", _path
     )
@@ -164,12 +204,14 @@ class Settings:
         for f in dataclasses.fields(cls):
             env = ENV_PREFIX + f.name.upper()
             default = "HOME/data" if f.name == "data_root" else f.default
+            flag = {"nargs": "?", "const": "true", "metavar": "BOOL"} if f.metadata["type"] is _bool else {
+                "metavar": f.name.split("_")[-1].upper()}
             parser.add_argument(
                 "--" + f.name.replace("_", "-"),
                 dest=f.name,
                 default=None,
-                metavar=f.name.split("_")[-1].upper(),
                 help=f"{f.metadata['help']} [env {env}; default {default}]",
+                **flag,
             )
 
     @classmethod
@@ -186,7 +228,23 @@ class Settings:
                 values[f.name] = f.metadata["type"](raw)
             except ValueError as e:
                 raise ConfigError(f"{source}: {e}") from None
-        return cls(**values)
+        settings = cls(**values)
+        settings.check_security()
+        return settings
+
+    def check_security(self) -> None:
+        """Refuses settings that would expose the API unauthenticated or half-configure TLS."""
+        if self.auth_tokens_file is None and not self.insecure and not is_loopback(self.grpc_address):
+            raise ConfigError(
+                f"refusing to listen on {self.grpc_address} without authentication: give --auth-tokens-file "
+                "(TLSERVE_AUTH_TOKENS_FILE), or --insecure (TLSERVE_INSECURE=1) to let anyone who reaches the port "
+                "call every RPC"
+            )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("--tls-cert-file and --tls-key-file go together: give both or neither")
+        if self.tls_cert_file is None and (self.tls_client_ca_file is not None or self.metrics_tls):
+            given = "--tls-client-ca-file" if self.tls_client_ca_file is not None else "--metrics-tls"
+            raise ConfigError(f"{given} needs --tls-cert-file and --tls-key-file")
 
     @classmethod
     def parse(cls, argv: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> Settings:

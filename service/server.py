@@ -29,10 +29,12 @@ from service.metrics import gpu as _gpu_collector  # noqa: F401 - registers the 
 from service.metrics import http as metrics_http
 from service.metrics import store as metrics_store
 from service.api import kserve
+from service.api.auth import AuthInterceptor
 from service.api.interceptors import ErrorInterceptor, MessageSizeInterceptor, ObserveInterceptor
+from service.auth import TokenTable
 from service.api.servicer import ServerState, TLServeServicer
 from service.clock import now
-from service.config import Settings, split_address
+from service.config import Settings, is_loopback, split_address
 from service.datasets import Datasets
 from service.errors import ConfigError
 from service.export.service import ExportService
@@ -76,8 +78,10 @@ class TLServeServer:
         runner: JobRunner,
         inference: InferenceService,
         readiness: Readiness,
+        tokens: TokenTable | None = None,
     ) -> None:
         self.settings = settings
+        self.tokens = tokens
         self.grpc_port = grpc_port
         self.metrics_port = metrics_server.port
         self.metadata = metadata
@@ -146,7 +150,11 @@ class TLServeServer:
 
 
 async def create_server(settings: Settings) -> TLServeServer:
-    """Opens the stores and binds the ports; raises ConfigError if a port can't be bound."""
+    """Opens the stores and binds the ports; raises ConfigError if a port can't be bound,
+    or a tokens or certificate file is unusable."""
+    settings.check_security()
+    tokens = TokenTable.load(settings.auth_tokens_file) if settings.auth_tokens_file is not None else None
+    credentials = _server_credentials(settings)
     metadata = MetadataStore(settings.database_path)
     artifacts = ArtifactStore(settings.artifacts_dir)
     removed = artifacts.remove_stale_temps()
@@ -156,6 +164,8 @@ async def create_server(settings: Settings) -> TLServeServer:
     server = grpc.aio.server(
         interceptors=[
             ObserveInterceptor(metrics.GRPC),
+            # Inside Observe, so refused calls are counted and logged with their code.
+            *([AuthInterceptor(tokens)] if tokens is not None else []),
             ErrorInterceptor(),
             MessageSizeInterceptor(
                 settings.max_receive_message_bytes, "--max-receive-message-bytes / TLSERVE_MAX_RECEIVE_MESSAGE_BYTES"
@@ -203,7 +213,7 @@ async def create_server(settings: Settings) -> TLServeServer:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection(SERVICE_NAMES, server)
 
-    grpc_port, core_log = _bind(server, settings.grpc_address)
+    grpc_port, core_log = _bind(server, settings.grpc_address, credentials)
     if grpc_port == 0:
         metadata.close()
         reason = _BIND_REASON.search(core_log)
@@ -213,7 +223,11 @@ async def create_server(settings: Settings) -> TLServeServer:
             "(set --grpc-address or TLSERVE_GRPC_ADDRESS)"
         )
     try:
-        metrics_server = metrics_http.MetricsServer(settings.metrics_address)
+        metrics_server = metrics_http.MetricsServer(
+            settings.metrics_address,
+            tls=metrics_http.TLSFiles(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+            if settings.metrics_tls else None,
+        )
     except OSError as e:
         metadata.close()
         raise ConfigError(
@@ -223,8 +237,14 @@ async def create_server(settings: Settings) -> TLServeServer:
     metrics.BUILD_INFO.labels(version=hardware.versions()["tlserve"], torch_version=hardware.versions()["torch"]).set(1)
     # Models, profiles and jobs are read from the store at each scrape (detached in `stop`).
     metrics_store.STORE.attach(metadata, models, jobs)
+    if tokens is None:
+        log.warning("no --auth-tokens-file: every call is allowed to whoever reaches the port",
+                    extra={"fields": {"grpc_address": settings.grpc_address}})
+    elif credentials is None and not is_loopback(settings.grpc_address):
+        log.warning("bearer tokens travel in clear text: give --tls-cert-file and --tls-key-file",
+                    extra={"fields": {"grpc_address": settings.grpc_address}})
     return TLServeServer(settings, server, health_servicer, grpc_port, metrics_server, metadata, artifacts, runner,
-                         inference, readiness)
+                         inference, readiness, tokens)
 
 
 async def serve(settings: Settings) -> None:
@@ -237,6 +257,9 @@ async def serve(settings: Settings) -> None:
     stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
+    if server.tokens is not None:
+        # A rotated Secret or an edited file takes effect without a restart.
+        loop.add_signal_handler(signal.SIGHUP, server.tokens.reload)
     await server.start()
     await stop_requested.wait()
     await server.stop()
@@ -247,7 +270,29 @@ async def serve(settings: Settings) -> None:
 _BIND_REASON = re.compile(r"Error in bind for address '[^']*': ([^)\n]+)")
 
 
-def _bind(server: grpc.aio.Server, address: str) -> tuple[int, str]:
+def _read_pem(path, flag: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read {flag} {path}: {e.strerror or e}") from None
+
+
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS (mutual with a client CA) from the settings' PEM files; None for plaintext."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    chain = _read_pem(settings.tls_cert_file, "--tls-cert-file")
+    key = _read_pem(settings.tls_key_file, "--tls-key-file")
+    client_ca = _read_pem(settings.tls_client_ca_file, "--tls-client-ca-file") if settings.tls_client_ca_file else None
+    for text, flag in ((chain, "--tls-cert-file"), (key, "--tls-key-file"), (client_ca, "--tls-client-ca-file")):
+        if text is not None and b"-----BEGIN " not in text:
+            raise ConfigError(f"{flag} is not a PEM file")
+    return grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> tuple[int, str]:
     """Binds `address`; returns the port (0 on failure) and what gRPC core logged.
 
     The core writes bind errors straight to file descriptor 2; they are caught
@@ -257,7 +302,10 @@ def _bind(server: grpc.aio.Server, address: str) -> tuple[int, str]:
         saved = os.dup(2)
         os.dup2(captured.fileno(), 2)
         try:
-            port = server.add_insecure_port(address)
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
         except RuntimeError:
             port = 0
         finally:

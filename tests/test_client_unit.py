@@ -463,10 +463,11 @@ def test_global_options_work_before_and_after_the_subcommand(monkeypatch):
     assert (args.address, args.func) == ("envhost:1", cli_commands.cmd_datasets_list)
 
 
-def test_serve_passes_the_rest_of_the_line_to_the_server():
-    assert cli._split_serve(["--address", "x:1", "serve", "--grpc-address", "0:0", "--help"]) == (
-        ["--address", "x:1"], ["--grpc-address", "0:0", "--help"])
-    assert cli._split_serve(["--json", "models"]) is None
+def test_serve_and_token_pass_the_rest_of_the_line_through():
+    assert cli._split_passthrough(["--address", "x:1", "serve", "--grpc-address", "0:0", "--help"]) == (
+        "serve", ["--grpc-address", "0:0", "--help"])
+    assert cli._split_passthrough(["--token", "serve", "token", "--help"]) == ("token", ["--help"])
+    assert cli._split_passthrough(["--json", "models"]) is None
 
 
 def test_serve_without_the_server_says_to_install_the_extra(monkeypatch, capsys):

@@ -30,4 +30,9 @@ def test_base_renders_with_grpc_health_probes_and_the_home_volume():
     # Drain (TLSERVE_GRACE_SECONDS) must end before the kubelet's SIGKILL.
     assert pod["terminationGracePeriodSeconds"] > float(env["TLSERVE_GRACE_SECONDS"])
     assert container["volumeMounts"][0]["mountPath"] == env["TLSERVE_HOME"]
+    # Secure by default: it listens on 0.0.0.0, so it must have tokens, from a Secret.
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert env["TLSERVE_AUTH_TOKENS_FILE"].startswith(mounts["auth"] + "/")
+    assert {v["name"]: v for v in pod["volumes"]}["auth"]["secret"]["secretName"] == "tlserve-auth"
+    assert "TLSERVE_INSECURE" not in env
     assert docs["Service"]["spec"]["selector"] == docs["Deployment"]["spec"]["selector"]["matchLabels"]

@@ -22,19 +22,23 @@ from collections.abc import Sequence
 import grpc
 
 from client._client import Client
-from client._common import TLServeError
+from client._common import TLS, TLServeError
 from client.cli.parser import build_parser
 
 # --- main ----------------------------------------------------------------------------
 
 
-def _split_serve(argv: list[str]) -> tuple[list[str], list[str]] | None:
-    """(global options, server args) when the subcommand is `serve`, else None.
+# Subcommands whose own options pass through untouched (the server's --help, --grpc-address...).
+PASSTHROUGH = ("serve", "token")
 
-    Done before argparse because the server's own options (--grpc-address,
-    --help, ...) must pass through untouched.
+
+def _split_passthrough(argv: list[str], commands: Sequence[str] = PASSTHROUGH) -> tuple[str, list[str]] | None:
+    """(subcommand, its args) when the subcommand is one of `commands`, else None.
+
+    Done before argparse because those subcommands' own options must pass
+    through untouched.
     """
-    with_value = {"--address", "--timeout"}
+    with_value = {"--address", "--timeout", "--token", "--ca-file", "--cert-file", "--key-file"}
     i = 0
     while i < len(argv):
         token = argv[i]
@@ -43,7 +47,7 @@ def _split_serve(argv: list[str]) -> tuple[list[str], list[str]] | None:
         elif token.startswith("-"):
             i += 1
         else:
-            return (argv[:i], argv[i + 1:]) if token == "serve" else None
+            return (token, argv[i + 1:]) if token in commands else None
     return None
 
 
@@ -56,6 +60,26 @@ def serve(server_args: list[str]) -> int:
     return serve_main(server_args)
 
 
+def make_token(token_args: list[str]) -> int:
+    """`tlserve token NAME ROLES`: the server's own token maker, so the line it prints
+    is one the server will read (imported only then, like `serve`)."""
+    try:
+        from service.auth import main as token_main
+    except ImportError as err:
+        print(f"tlserve: error: the server is not installed ({err}); install tlserve[server]", file=sys.stderr)
+        return 2
+    return token_main(token_args)
+
+
+def connect(args) -> Client:
+    """A client with the global options' address, deadline, token and TLS settings."""
+    tls = None
+    if args.tls or args.ca_file or args.cert_file or args.key_file:
+        tls = TLS(ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
+    return Client(args.address, timeout=args.timeout if args.timeout is not None else 30.0,
+                  token=args.token, tls=tls)
+
+
 def error_line(err: TLServeError, address: str) -> str:
     message = " ".join(err.message.split())  # one line, whatever the server sent
     if err.code == grpc.StatusCode.UNAVAILABLE:
@@ -65,18 +89,21 @@ def error_line(err: TLServeError, address: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    served = _split_serve(argv)
-    if served is not None:
-        return serve(served[1])
+    passthrough = _split_passthrough(argv)
+    if passthrough is not None:
+        command, rest = passthrough
+        return serve(rest) if command == "serve" else make_token(rest)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # usage errors (2) and --help (0)
         return exit_.code if isinstance(exit_.code, int) else 2
-    if args.command == "serve":  # only reached through odd spellings _split_serve misses
+    if args.command == "serve":  # only reached through odd spellings _split_passthrough misses
         return serve(args.server_args)
+    if args.command == "token":
+        return make_token(args.token_args)
     try:
-        with Client(args.address, timeout=args.timeout if args.timeout is not None else 30.0) as tl:
+        with connect(args) as tl:
             return args.func(tl, args)
     except TLServeError as err:
         print(error_line(err, args.address), file=sys.stderr)

@@ -87,6 +87,19 @@ def _global_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
         "--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
         help="machine-readable output: one JSON document (one object per line for streams)",
     )
+    # Security: each also read from the environment, so a token never has to be on a command line.
+    for flag, env, help in (
+        ("--token", "TLSERVE_TOKEN", "bearer token for a server started with --auth-tokens-file"),
+        ("--ca-file", "TLSERVE_CA_FILE", "connect over TLS, trusting the server certificate's CA in this PEM file"),
+        ("--cert-file", "TLSERVE_CERT_FILE", "mutual TLS: this client's certificate (PEM)"),
+        ("--key-file", "TLSERVE_KEY_FILE", "mutual TLS: the key of --cert-file (PEM)"),
+    ):
+        parser.add_argument(flag, default=argparse.SUPPRESS if suppress else os.environ.get(env) or None,
+                            help=f"{help} (default: ${env})")
+    parser.add_argument(
+        "--tls", action="store_true", default=argparse.SUPPRESS if suppress else False,
+        help="connect over TLS, trusting the system's CAs (implied by --ca-file or --cert-file)",
+    )
 
 
 def _add_split_options(p: argparse.ArgumentParser) -> None:
@@ -112,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the tlserve server (needs tlserve[server]); options go to the server",
                        add_help=False)
     p.add_argument("server_args", nargs=argparse.REMAINDER)
+    p = sub.add_parser("token", help="make a bearer token and its line for the server's tokens file "
+                       "(needs tlserve[server]; contacts no server)", add_help=False)
+    p.add_argument("token_args", nargs=argparse.REMAINDER)
 
     p = command("health", cmd_health, "grpc.health.v1 status of the server")
     p.add_argument("--service", default="", help="service name to check (default: the whole server)")
