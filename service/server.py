@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import fcntl
 import json
 import logging
 import os
@@ -79,9 +80,11 @@ class TLServeServer:
         inference: InferenceService,
         readiness: Readiness,
         tokens: TokenTable | None = None,
+        home_lock: HomeLock | None = None,
     ) -> None:
         self.settings = settings
         self.tokens = tokens
+        self._home_lock = home_lock
         self.grpc_port = grpc_port
         self.metrics_port = metrics_server.port
         self.metadata = metadata
@@ -143,6 +146,8 @@ class TLServeServer:
         self._metrics_server.stop()
         metrics_store.STORE.detach(self.metadata)
         self.metadata.close()
+        if self._home_lock is not None:
+            self._home_lock.release()
         log.info("stopped")
 
     async def wait_for_termination(self) -> None:
@@ -155,6 +160,18 @@ async def create_server(settings: Settings) -> TLServeServer:
     settings.check_security()
     tokens = TokenTable.load(settings.auth_tokens_file) if settings.auth_tokens_file is not None else None
     credentials = _server_credentials(settings)
+    # Before anything is read or cleaned up: a second server on this home would
+    # re-queue the first one's running jobs and delete its uploads in flight.
+    home_lock = HomeLock.acquire(settings.home)
+    try:
+        return await _create_server(settings, tokens, credentials, home_lock)
+    except BaseException:
+        home_lock.release()
+        raise
+
+
+async def _create_server(settings: Settings, tokens: TokenTable | None, credentials: grpc.ServerCredentials | None,
+                         home_lock: HomeLock) -> TLServeServer:
     metadata = MetadataStore(settings.database_path)
     artifacts = ArtifactStore(settings.artifacts_dir)
     removed = artifacts.remove_stale_temps()
@@ -244,7 +261,7 @@ async def create_server(settings: Settings) -> TLServeServer:
         log.warning("bearer tokens travel in clear text: give --tls-cert-file and --tls-key-file",
                     extra={"fields": {"grpc_address": settings.grpc_address}})
     return TLServeServer(settings, server, health_servicer, grpc_port, metrics_server, metadata, artifacts, runner,
-                         inference, readiness, tokens)
+                         inference, readiness, tokens, home_lock)
 
 
 async def serve(settings: Settings) -> None:
@@ -268,6 +285,42 @@ async def serve(settings: Settings) -> None:
 # gRPC core explains a failed bind only in its own stderr log, e.g.
 # "... (Error in bind for address '[::ffff:127.0.0.1]:42397': Address already in use)".
 _BIND_REASON = re.compile(r"Error in bind for address '[^']*': ([^)\n]+)")
+
+
+class HomeLock:
+    """An exclusive lock on HOME/server.lock for as long as a server uses that home.
+
+    The SQLite store serves one server on one host: two servers on one home would
+    both run a job and each clean the other's uploads away. flock is released by
+    the kernel when the process dies, however it dies, so a crash leaves no stale
+    lock; the file keeps the holder's pid for the refusal message. The descriptor
+    is not inherited by job workers (Python opens files close-on-exec)."""
+
+    def __init__(self, fd: int, path) -> None:
+        self._fd: int | None = fd
+        self.path = path
+
+    @classmethod
+    def acquire(cls, home) -> HomeLock:
+        path = home / "server.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(
+                f"another tlserve server (pid {holder}) is using the home {home}: one server per home "
+                "(set --home or TLSERVE_HOME)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(fd, path)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor drops the flock
+            self._fd = None
 
 
 def _read_pem(path, flag: str) -> bytes:

@@ -742,6 +742,25 @@ def test_an_image_over_max_pixels_is_refused_from_its_header_before_pil_s_bomb_c
         prepared(preprocess.Preprocessor(PRE), pb.ImageInput(tensor=huge), max_pixels=1_000_000)
 
 
+def test_a_thin_image_is_refused_from_its_header_and_the_widest_accepted_one_stays_cheap():
+    # 1 x 200,000 pixels: 0.2 MP and under 1 KB as PNG; resized by its shorter side it
+    # became 36 x 7.2 M pixels (7.5 s, +2.6 GB) before the aspect-ratio cap.
+    thin = io.BytesIO()
+    Image.new("L", (200_000, 1)).save(thin, "PNG")
+    assert len(thin.getvalue()) < 2000
+    prep = preprocess.Preprocessor(PRE)
+    with pytest.raises(InvalidArgument, match=r"images\[0\]: 200000x1 is longer than 32 times its width or height"):
+        prepared(prep, pb.ImageInput(encoded=thin.getvalue()))
+    strip = pb.Tensor(shape=[1, 200_000, 3], dtype=pb.DATA_TYPE_UINT8, data=bytes(600_000))
+    with pytest.raises(InvalidArgument, match=r"200000x1 is longer than 32 times"):
+        prepared(prep, pb.ImageInput(tensor=strip))
+    # The widest shape accepted is still served; one pixel wider is not.
+    widest = encode(np.zeros((2, 2 * preprocess.MAX_ASPECT_RATIO, 3), np.uint8), "PNG")
+    assert prepared(prep, pb.ImageInput(encoded=widest)).shape == (1, 3, 32, 32)
+    with pytest.raises(InvalidArgument, match="longer than 32 times"):
+        prepared(prep, pb.ImageInput(encoded=encode(np.zeros((2, 65, 3), np.uint8), "PNG")))
+
+
 def test_resize_geometry_follows_torchvision():
     assert preprocess.resized_size(640, 480, 256) == (341, 256)  # long side rounded down
     assert preprocess.resized_size(480, 640, 256) == (256, 341)

@@ -41,9 +41,11 @@ _FORMAT_NAMES = {pb.ARCHIVE_FORMAT_ZIP: "zip", pb.ARCHIVE_FORMAT_TAR: "tar", pb.
 
 
 def validate_name(name: str, field: str = "name") -> None:
-    if not _NAME_PATTERN.fullmatch(name or ""):
+    # A letter or digit first, as for model names: "." and ".." are path components.
+    if not _NAME_PATTERN.fullmatch(name or "") or not name[0].isalnum():
         raise InvalidArgument(
-            f"{field} {name!r} is not a valid dataset name: use 1-64 letters, digits, '.', '_' or '-'"
+            f"{field} {name!r} is not a valid dataset name: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
         )
     if _ID_PATTERN.fullmatch(name):
         # get/delete accept an id or a name; a name shaped like an id would be ambiguous.

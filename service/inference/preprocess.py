@@ -47,6 +47,14 @@ from service.errors import InvalidArgument
 # decoded pixels per output pixel (the measurements above chose 4 over 2 and 3).
 DRAFT_MARGIN = 4.0
 
+# The longest side over the shortest: beyond it an image is refused before decoding.
+# The resize scales the shorter side to the model's resize target, so a 1 x 200,000
+# strip (0.2 MP, well under any pixel cap) would become 36 x 7.2 M pixels for a 32-px
+# model (7.5 s and 2.6 GB measured); with this cap the resized image is at most
+# MAX_ASPECT_RATIO x resize² pixels (256 x 8192 for a 224-px model, 6 MB).
+# Panoramas from phones are about 4:1 to 10:1.
+MAX_ASPECT_RATIO = 32
+
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
@@ -82,13 +90,23 @@ def open_image(data: bytes, where: str, max_pixels: int) -> ImageFile.ImageFile:
         image = cls(io.BytesIO(data))
     except Exception as e:  # noqa: BLE001 - any decoder failure on user bytes is the user's
         raise InvalidArgument(f"{where}: cannot decode the {cls.format} header: {e}") from None
-    width, height = image.size
+    check_size(*image.size, where, max_pixels)
+    return image
+
+
+def check_size(width: int, height: int, where: str, max_pixels: int) -> None:
+    """Refuses an image over `max_pixels` or longer than MAX_ASPECT_RATIO times its
+    width or height, before any work on its pixels."""
     if width * height > max_pixels:
         raise InvalidArgument(
             f"{where}: {width}x{height} = {width * height} pixels is over the server's max_image_pixels "
             f"{max_pixels} (TLSERVE_MAX_IMAGE_PIXELS); downscale the image"
         )
-    return image
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise InvalidArgument(
+            f"{where}: {width}x{height} is longer than {MAX_ASPECT_RATIO} times its width or height, the most "
+            "this server accepts; crop the image"
+        )
 
 
 def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
@@ -256,11 +274,8 @@ class Preprocessor:
         is_normalised = dtype is _FLOAT32 and shape == (3, s, s)
         if not (is_pixels or is_normalised):
             raise InvalidArgument(f"{where}: {_describe(tensor)}, {self._expected()}")
-        if is_pixels and shape[0] * shape[1] > max_pixels:
-            raise InvalidArgument(
-                f"{where}: {shape[1]}x{shape[0]} = {shape[0] * shape[1]} pixels is over the server's "
-                f"max_image_pixels {max_pixels} (TLSERVE_MAX_IMAGE_PIXELS); downscale the image"
-            )
+        if is_pixels:
+            check_size(shape[1], shape[0], where, max_pixels)
         size = math.prod(shape) * dtype.itemsize
         if len(tensor.data) != size:
             raise InvalidArgument(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service import backbones, hardware
@@ -36,6 +36,31 @@ def check_name(value: str, field: str) -> None:
         raise InvalidArgument(
             f"{field} must be 1 to 64 letters, digits, '.', '_' or '-' starting with a letter or digit, got {value!r}"
         )
+
+
+# Labels as Kubernetes bounds them (a job's labels are copied onto its model): 64
+# entries, keys of 63 characters, values of 256 here. Unbounded, eight jobs with
+# 10 MB of labels each made every ListJobs answer too large to send.
+MAX_LABELS = 64
+LABEL_KEY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?")
+MAX_LABEL_VALUE_CHARS = 256
+MAX_IDEMPOTENCY_KEY_CHARS = 128
+
+
+def check_labels(labels: Mapping[str, str]) -> None:
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"labels: {len(labels)} entries, at most {MAX_LABELS}")
+    for key, value in sorted(labels.items()):
+        if not LABEL_KEY.fullmatch(key):
+            raise InvalidArgument(
+                f"labels: key {key[:80]!r}{'...' if len(key) > 80 else ''} must be 1 to 63 letters, digits, '.', '_', "
+                "'/' or '-', starting and ending with a letter or digit"
+            )
+        if len(value) > MAX_LABEL_VALUE_CHARS:
+            raise InvalidArgument(f"labels: the value of {key!r} is {len(value)} characters, at most "
+                                  f"{MAX_LABEL_VALUE_CHARS}")
+        if not value.isprintable():
+            raise InvalidArgument(f"labels: the value of {key!r} holds a control character")
 
 
 def max_devices() -> int:
@@ -63,6 +88,10 @@ class JobService:
     def submit(self, request: pb.FineTuneRequest) -> pb.Job:
         """Validates and queues a fine-tune; blocking (runs in a worker thread)."""
         check_name(request.model_name, "model_name")
+        check_labels(request.labels)
+        if len(request.idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
+            raise InvalidArgument(f"idempotency_key is {len(request.idempotency_key)} characters, at most "
+                                  f"{MAX_IDEMPOTENCY_KEY_CHARS}")
         if not request.dataset:
             raise InvalidArgument("dataset is required: a dataset id or name (see ListDatasets)")
         if not request.backbone:
@@ -93,6 +122,9 @@ class JobService:
         return self._jobs.get(job_id)
 
     def list(self, state: int, page_size: int, page_token: str) -> tuple[list[pb.Job], str]:
+        if state not in pb.JobState.values():
+            raise InvalidArgument(f"state {state} is not a JobState: one of "
+                                  f"{', '.join(f'{n} ({v})' for n, v in pb.JobState.items())}")
         return self._jobs.list(state, page_size, page_token)
 
     async def cancel(self, job_id: str) -> pb.Job:
