@@ -196,6 +196,12 @@ class Settings:
         return self.home / "checkpoints"
 
     @property
+    def scratch_dir(self) -> pathlib.Path:
+        """Temporary files (INT8 calibration graphs, libraries' temp files via TMPDIR);
+        emptied at each server start, so a crash leaves nothing behind for long."""
+        return self.home / "tmp"
+
+    @property
     def resolved_data_root(self) -> pathlib.Path:
         return self.data_root if self.data_root is not None else self.home / "data"
 
@@ -263,7 +269,8 @@ class Settings:
     def prepare_home(self) -> None:
         """Creates the home layout and proves it is writable, or raises ConfigError."""
         try:
-            for directory in (self.home, self.artifacts_dir, self.weights_dir, self.datasets_dir, self.checkpoints_dir):
+            for directory in (self.home, self.artifacts_dir, self.weights_dir, self.datasets_dir, self.checkpoints_dir,
+                              self.scratch_dir):
                 directory.mkdir(parents=True, exist_ok=True)
             probe = self.home / ".write-test"
             probe.write_bytes(b"")

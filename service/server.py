@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import tempfile
 
@@ -172,6 +173,7 @@ async def create_server(settings: Settings) -> TLServeServer:
 
 async def _create_server(settings: Settings, tokens: TokenTable | None, credentials: grpc.ServerCredentials | None,
                          home_lock: HomeLock) -> TLServeServer:
+    _empty_scratch(settings)
     metadata = MetadataStore(settings.database_path)
     artifacts = ArtifactStore(settings.artifacts_dir)
     removed = artifacts.remove_stale_temps()
@@ -285,6 +287,20 @@ async def serve(settings: Settings) -> None:
 # gRPC core explains a failed bind only in its own stderr log, e.g.
 # "... (Error in bind for address '[::ffff:127.0.0.1]:42397': Address already in use)".
 _BIND_REASON = re.compile(r"Error in bind for address '[^']*': ([^)\n]+)")
+
+
+def _empty_scratch(settings: Settings) -> None:
+    """Removes what a crashed server left in the scratch directory (only this server,
+    holding the home's lock, writes there) and sends every library's temporary files
+    there too, this process's and its children's: nothing is written outside the home."""
+    scratch = settings.scratch_dir
+    scratch.mkdir(parents=True, exist_ok=True)
+    for leftover in scratch.iterdir():
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    os.environ["TMPDIR"] = tempfile.tempdir = str(scratch.resolve())
 
 
 class HomeLock:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tempfile
 
 import numpy as np
 import onnx
@@ -207,6 +208,29 @@ def test_int8_graph_is_quantized_per_channel_in_qdq_form(service, artifacts, mod
           and weight_scales[n.input[0]].data_type == onnx.TensorProto.INT8]
     assert dq and all(len(weight_scales[n.input[1]].dims) == 1 for n in dq)  # one scale per output channel
     assert artifact.inputs[0].dtype == pb.DATA_TYPE_UINT8
+
+
+def test_int8_export_writes_nothing_outside_the_home(made, service, tmp_path, monkeypatch):
+    """ONNX Runtime's quantization tools write their own temporary graphs to the system's
+    temp directory; the server sends them, and its own, to the home's scratch directory,
+    which it empties at start (a crash mid-export leaves them only until then)."""
+    from service.server import _empty_scratch
+
+    settings = made[0]
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(system_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    leftover = settings.scratch_dir / "tlserve-int8-crashed"
+    leftover.mkdir(parents=True)
+    (leftover / "prepared.onnx").write_bytes(b"x" * 1000)
+    _empty_scratch(settings)
+    assert list(settings.scratch_dir.iterdir()) == []
+    service.export(pb.ExportModelRequest(
+        model=ref(), precision=pb.PRECISION_INT8, input_format=pb.INPUT_FORMAT_UINT8_NHWC,
+        calibration=pb.CalibrationOptions(image_count=4, method=pb.CalibrationOptions.METHOD_MINMAX),
+    ))
+    assert list(system_tmp.iterdir()) == [] and list(settings.scratch_dir.iterdir()) == []
 
 
 # Calibrations on two to four images: activation ranges that clip the other images'.

@@ -207,13 +207,16 @@ def quantize_int8(
     graph: onnx.ModelProto,
     batches: Sequence[Callable[[], np.ndarray]],
     calibration: Calibration,
+    work_dir: pathlib.Path | None = None,
 ) -> onnx.ModelProto:
     """Static INT8 (QDQ: QuantizeLinear/DequantizeLinear pairs around the FP32 ops, fused
     into integer kernels by ONNX Runtime), uint8 activations and int8 weights — the
     pairing ONNX Runtime recommends for x86 CPUs, and what its CUDA/TensorRT providers
     accept. Calibrated on `batches` (each a function returning one input batch), one
     batch per calibration pass so that memory holds one batch of activations, not the
-    whole calibration set's; the ranges reach the quantizer through its calibration cache."""
+    whole calibration set's; the ranges reach the quantizer through its calibration cache.
+    Its intermediate graphs go in a directory under `work_dir` (the server passes its
+    scratch directory under the home; None: the system's)."""
     from onnxruntime.quantization import (
         CalibrationMethod, QuantFormat, QuantType, create_calibrator, quantize_static, save_tensors_data,
     )
@@ -227,7 +230,7 @@ def quantize_int8(
     }
     if not batches:
         raise ValueError("INT8 calibration needs at least one batch of images")
-    with tempfile.TemporaryDirectory(prefix="tlserve-int8-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tlserve-int8-", dir=work_dir) as tmp:
         files = {n: str(pathlib.Path(tmp) / n) for n in ("fp32.onnx", "prepared.onnx", "augmented.onnx",
                                                          "ranges.json", "int8.onnx")}
         onnx.save_model(graph, files["fp32.onnx"])

@@ -206,7 +206,7 @@ class ExportService:
             graph = ox.to_fp16(graph)
         elif options.precision == "int8":
             batches = self._calibration_batches(manifest, preprocessing, options)
-            graph = ox.quantize_int8(graph, batches, options.calibration)
+            graph = ox.quantize_int8(graph, batches, options.calibration, work_dir=self._settings.scratch_dir)
         ox.set_metadata(graph, {
             "tlserve.model": {"name": name, "version": version, "backbone": model.backbone},
             "tlserve.class_names": list(model.class_names),
