@@ -27,8 +27,13 @@ Decisions worth knowing (see the constants below for the numbers):
   3 → 1/1/1, 2 → 1/1/0, 1 → 1/0/0. Identical files (same sha256) in one class are
   kept in the same split, so generated splits never leak a duplicate.
 - Zip/tar bombs: the declared uncompressed sizes of all entries together may not
-  exceed `UNPACKED_SIZE_FACTOR` × max_upload_bytes, single tar header reads are
-  capped, and extraction counts the bytes it really writes.
+  exceed `MAX_EXPANSION_RATIO` × the archive's own size nor `UNPACKED_SIZE_FACTOR`
+  × max_upload_bytes, checked before anything is extracted; extraction counts the
+  bytes it really writes and stops an entry at the size it declared; single tar
+  header reads are capped.
+- Files that fail their image check (not an image, corrupt) are skipped with a
+  CORRUPT warning; an upload's copies of them are deleted, so the published
+  files/ folder holds exactly the images the manifest lists.
 - Warnings: at most `WARNINGS_PER_KIND` per kind, then one summary warning of
   that kind whose `detail` gives the number left out.
 - Hidden entries (a path component starting with '.') and macOS `__MACOSX/`
@@ -49,6 +54,7 @@ from service.datasets.common import (  # noqa: F401 - the package's API
     ID_PREFIX,
     IMAGE_EXTENSIONS,
     MANIFEST_FILE,
+    MAX_EXPANSION_RATIO,
     UNPACKED_SIZE_FACTOR,
     UPLOADS_DIR,
     WARNINGS_PER_KIND,

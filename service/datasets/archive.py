@@ -1,6 +1,7 @@
 """Archives: the format sniffed from the bytes, every entry's name and kind checked
 before anything is extracted (no `..`, absolute paths, links or devices; entry,
-size and read caps), and the wanted entries extracted."""
+unpacked-size and read caps), and the wanted entries extracted, none past the size
+it declared."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import zipfile
 import zlib
 
 from client.tlserve.v1 import tlserve_pb2 as pb
-from service.datasets.common import _COPY_BYTES, UNPACKED_SIZE_FACTOR, _disk_error
+from service.datasets.common import _COPY_BYTES, MAX_EXPANSION_RATIO, UNPACKED_SIZE_FACTOR, _disk_error
 from service.errors import InvalidArgument
 
 # tarfile reads a pax or GNU long-name header body in one read(); a gzip of zeros can
@@ -51,6 +52,42 @@ def _entry_path(name: str) -> str:
     return "/".join(parts)
 
 
+@dataclasses.dataclass(frozen=True)
+class _UnpackLimit:
+    """The most bytes an archive may unpack to: MAX_EXPANSION_RATIO times its own
+    size (what stops a bomb, however small) and UNPACKED_SIZE_FACTOR times the
+    server's max_upload_bytes (what bounds the disk a large archive takes)."""
+
+    archive_bytes: int
+    max_upload_bytes: int
+
+    @property
+    def _by_ratio(self) -> int:
+        return MAX_EXPANSION_RATIO * self.archive_bytes
+
+    @property
+    def _cap(self) -> int:
+        return UNPACKED_SIZE_FACTOR * self.max_upload_bytes
+
+    @property
+    def max_bytes(self) -> int:
+        return min(self._by_ratio, self._cap)
+
+    def refusal(self) -> InvalidArgument:
+        """The error for an archive over `max_bytes`, naming the limit that binds."""
+        if self._by_ratio < self._cap:
+            return InvalidArgument(
+                f"the archive unpacks to more than {self.max_bytes} bytes, over the limit of {MAX_EXPANSION_RATIO} "
+                f"unpacked bytes per archive byte ({MAX_EXPANSION_RATIO} x its {self.archive_bytes} bytes); "
+                "image files are compressed already, so an image archive unpacks to about its own size and "
+                "this one is refused as a zip bomb; store the images as JPEG or PNG"
+            )
+        return InvalidArgument(
+            f"the archive unpacks to more than {self.max_bytes} bytes ({UNPACKED_SIZE_FACTOR} x the server's "
+            "max_upload_bytes, TLSERVE_MAX_UPLOAD_BYTES); upload a smaller dataset"
+        )
+
+
 @dataclasses.dataclass
 class _Entries:
     files: dict[str, int]  # safe relative path → declared size
@@ -80,9 +117,9 @@ class _Archive:
     """Read access to an uploaded archive, in two passes: `scan` checks the entry
     list, `extract` writes chosen regular files. Nothing is extracted by the scan."""
 
-    def __init__(self, path: pathlib.Path, fmt: int, max_entries: int, max_unpacked_bytes: int) -> None:
+    def __init__(self, path: pathlib.Path, fmt: int, max_entries: int, limit: _UnpackLimit) -> None:
         self.path, self.fmt = path, fmt
-        self.max_entries, self.max_unpacked_bytes = max_entries, max_unpacked_bytes
+        self.max_entries, self.limit = max_entries, limit
 
     def _open_tar(self) -> tuple[tarfile.TarFile, list]:
         raw = open(self.path, "rb")
@@ -95,6 +132,8 @@ class _Archive:
         return tf, closers
 
     def scan(self) -> _Entries:
+        """The entry list, checked: names, kinds, count, and the sizes the entries
+        declare against `limit` (for a sparse tar member, the size it unpacks to)."""
         entries = _Entries({}, set())
         total = 0
         count = 0
@@ -120,11 +159,8 @@ class _Archive:
             if path in entries.files:
                 raise InvalidArgument(f"the archive lists {name!r} twice; each path may appear once")
             total += size
-            if total > self.max_unpacked_bytes:
-                raise InvalidArgument(
-                    f"the archive unpacks to more than {self.max_unpacked_bytes} bytes ({UNPACKED_SIZE_FACTOR} x the "
-                    "server's max_upload_bytes, TLSERVE_MAX_UPLOAD_BYTES); upload a smaller dataset"
-                )
+            if total > self.limit.max_bytes:
+                raise self.limit.refusal()
             entries.files[path] = size
 
         if self.fmt == pb.ARCHIVE_FORMAT_ZIP:
@@ -171,13 +207,15 @@ class _Archive:
             return "device"
         return "special file"
 
-    def extract(self, wanted: dict[str, str], dest: pathlib.Path) -> None:
+    def extract(self, entries: _Entries, wanted: dict[str, str], dest: pathlib.Path) -> None:
         """Writes the chosen files (entry path from `scan` → path under `dest`).
-        Only regular files and directories are made; bytes written are counted."""
-        budget = [self.max_unpacked_bytes]
+        Only regular files and directories are made. The bytes really written are
+        counted and no entry may pass the size it declared to `scan`, so the total
+        stays under the limit the scan checked whatever the decompressor yields."""
 
         def write(rel: str, src) -> None:
-            target = dest / rel
+            declared, written = entries.files[rel], 0
+            target = dest / wanted[rel]
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
@@ -185,9 +223,12 @@ class _Archive:
                 raise _disk_error(e, f"extracting archive entry {rel!r}") from None
             with os.fdopen(fd, "wb") as out:
                 while block := src.read(_COPY_BYTES):
-                    budget[0] -= len(block)
-                    if budget[0] < 0:
-                        raise InvalidArgument(f"archive entry {rel!r} unpacks to more than it declares")
+                    written += len(block)
+                    if written > declared:
+                        raise InvalidArgument(
+                            f"archive entry {rel!r} unpacks to more than the {declared} bytes its header declares; "
+                            "the archive is corrupt or forged"
+                        )
                     try:
                         out.write(block)
                     except OSError as e:
@@ -199,14 +240,14 @@ class _Archive:
                     rel = _entry_path(info.filename)
                     if rel in wanted and not info.is_dir():
                         with zf.open(info) as src:
-                            write(wanted[rel], src)
+                            write(rel, src)
         else:
             tf, closers = self._open_tar()
             try:
                 for member in tf:
                     rel = _entry_path(member.name)
                     if rel in wanted and member.isreg():
-                        write(wanted[rel], tf.extractfile(member))
+                        write(rel, tf.extractfile(member))
             finally:
                 tf.close()
                 for c in closers:

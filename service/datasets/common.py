@@ -23,8 +23,12 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 _PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 DEFAULT_FRACTION = 0.15
 WARNINGS_PER_KIND = 100
-# Image formats are compressed already, so a real image archive unpacks to about its
-# own size; 4x leaves room for BMPs and still refuses a bomb long before the disk fills.
+# What an archive may unpack to: at most MAX_EXPANSION_RATIO times its own size, and
+# never more than UNPACKED_SIZE_FACTOR x max_upload_bytes. Image formats are compressed
+# already, so a real image archive unpacks to about its own size (a zip of BMP photos
+# to a few times it), while zeros deflate about 1000:1: a 2.8 MB bomb makes 2.8 GB,
+# ten times more than 100:1 allows. The cap bounds the disk a large archive may take.
+MAX_EXPANSION_RATIO = 100
 UNPACKED_SIZE_FACTOR = 4
 _COPY_BYTES = 1 << 20
 UPLOADS_DIR = ".uploads"

@@ -1,16 +1,18 @@
 """UploadDataset: an `Upload` receives the chunks into a file under HOME, then
-`finish` checks the archive, extracts it and ingests it as RegisterDataset does."""
+`finish` checks the archive, extracts it and ingests it as RegisterDataset does,
+keeping only the images that pass their checks."""
 
 from __future__ import annotations
 
 import hashlib
+import pathlib
 import threading
 from typing import TYPE_CHECKING
 
 from client.tlserve.v1 import tlserve_pb2 as pb
-from service.datasets.archive import _ARCHIVE_ERRORS, _Archive, sniff_format
-from service.datasets.common import _FORMAT_NAMES, UNPACKED_SIZE_FACTOR, SplitConfig, _is_junk, _remove
-from service.datasets.ingest import _ingest
+from service.datasets.archive import _ARCHIVE_ERRORS, _Archive, _UnpackLimit, sniff_format
+from service.datasets.common import _FORMAT_NAMES, SplitConfig, _is_junk, _remove
+from service.datasets.ingest import _ingest, _Ingested
 from service.datasets.layout import plan_layout
 from service.errors import FailedPrecondition, InvalidArgument
 
@@ -124,7 +126,7 @@ class Upload:
             )
         fmt = self._resolve_format()
         archive = _Archive(
-            self._part, fmt, settings.max_dataset_files, UNPACKED_SIZE_FACTOR * settings.max_upload_bytes
+            self._part, fmt, settings.max_dataset_files, _UnpackLimit(self._received, settings.max_upload_bytes)
         )
         fmt_name = _FORMAT_NAMES[fmt]
         try:
@@ -136,7 +138,7 @@ class Upload:
             files_dir = self._staging / "files"
             files_dir.mkdir(parents=True)
             # Only the files that can become images are written, already without the wrapping folder.
-            archive.extract({item.display: item.rel for item in layout.items}, files_dir)
+            archive.extract(entries, {item.display: item.rel for item in layout.items}, files_dir)
         except _ARCHIVE_ERRORS as e:
             raise InvalidArgument(
                 f"the {fmt_name} archive is truncated or malformed ({type(e).__name__}: {e}); "
@@ -145,6 +147,7 @@ class Upload:
         _remove(self._part)  # the extracted files are all we need now; free the disk
         self._check_cancelled()
         ingested = _ingest(files_dir, layout, self._options, settings)
+        _remove_unlisted(files_dir, ingested)
         self._check_cancelled()
         return self._datasets._publish(
             self.id, meta.name, "upload", ingested,
@@ -169,3 +172,13 @@ class Upload:
                 f"{_FORMAT_NAMES[sniffed]}; set the right format or leave it unspecified"
             )
         return declared
+
+
+def _remove_unlisted(files_dir: pathlib.Path, ingested: _Ingested) -> None:
+    """Deletes the extracted files the manifest does not list (those that failed
+    their image check: not an image, corrupt), so that the published dataset holds
+    only images that decode; their CORRUPT warnings are what the caller sees."""
+    listed = {rel for samples in ingested.splits.values() for rel, _ in samples}
+    for path in files_dir.rglob("*"):
+        if path.is_file() and path.relative_to(files_dir).as_posix() not in listed:
+            path.unlink()
