@@ -265,3 +265,22 @@ def test_an_undecodable_png_is_a_warning_over_grpc_and_is_not_published(server, 
     assert [(w.kind, w.path) for w in dataset.warnings] == [(W.KIND_CORRUPT, "star/blob.png")]
     files = server.home / "datasets" / dataset.id / "files"
     assert files.is_dir() and not (files / "star" / "blob.png").exists()
+
+
+def test_a_thin_strip_in_a_dataset_is_skipped_like_an_undecodable_file(tmp_path):
+    """Resized by its short side for training, a 1 x 4000 strip would be 36 x 144,000
+    pixels at 32 px: ingestion skips it (CORRUPT warning) before any pixel is decoded."""
+    import io
+
+    from PIL import Image
+
+    from service.datasets.ingest import check_image
+
+    path = tmp_path / "strip.png"
+    buffer = io.BytesIO()
+    Image.new("L", (4000, 1)).save(buffer, "PNG")
+    path.write_bytes(buffer.getvalue())
+    checked = check_image(path, max_pixels=50_000_000)
+    assert "4000x1 is longer than 32 times its width or height" in checked.problem
+    Image.new("L", (64, 2)).save(path, "PNG")  # 32:1 exactly is accepted
+    assert check_image(path, max_pixels=50_000_000).problem == ""

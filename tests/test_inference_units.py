@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from client.tlserve.v1 import tlserve_pb2 as pb
-from service import backbones
+from service import backbones, images
 from service.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from service.inference import cache, preprocess
 from service.inference.batcher import DynamicBatcher
@@ -755,7 +755,7 @@ def test_a_thin_image_is_refused_from_its_header_and_the_widest_accepted_one_sta
     with pytest.raises(InvalidArgument, match=r"200000x1 is longer than 32 times"):
         prepared(prep, pb.ImageInput(tensor=strip))
     # The widest shape accepted is still served; one pixel wider is not.
-    widest = encode(np.zeros((2, 2 * preprocess.MAX_ASPECT_RATIO, 3), np.uint8), "PNG")
+    widest = encode(np.zeros((2, 2 * images.MAX_ASPECT_RATIO, 3), np.uint8), "PNG")
     assert prepared(prep, pb.ImageInput(encoded=widest)).shape == (1, 3, 32, 32)
     with pytest.raises(InvalidArgument, match="longer than 32 times"):
         prepared(prep, pb.ImageInput(encoded=encode(np.zeros((2, 65, 3), np.uint8), "PNG")))

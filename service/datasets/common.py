@@ -18,9 +18,6 @@ ID_PREFIX = "ds-"
 _ID_PATTERN = re.compile(r"ds-[0-9a-f]{8}")
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
-# Only these PIL plugins may parse user files: an unrestricted Image.open would
-# also try formats such as EPS, whose load() runs Ghostscript.
-_PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
 DEFAULT_FRACTION = 0.15
 WARNINGS_PER_KIND = 100
 # What an archive may unpack to: at most MAX_EXPANSION_RATIO times its own size, and

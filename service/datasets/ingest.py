@@ -18,9 +18,10 @@ from PIL import Image
 
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service.config import Settings
-from service.datasets.common import _COPY_BYTES, _PIL_FORMATS, _SPLIT_ENUM, WARNINGS_PER_KIND, SplitConfig, split_sizes
+from service.datasets.common import _COPY_BYTES, _SPLIT_ENUM, WARNINGS_PER_KIND, SplitConfig, split_sizes
 from service.datasets.layout import _Item, _Layout
 from service.errors import InvalidArgument
+from service.images import MAX_ASPECT_RATIO, PIL_FORMATS, too_elongated
 from service.manifest import SPLITS
 
 # --- Image checks --------------------------------------------------------------------
@@ -59,16 +60,20 @@ def check_image(path: pathlib.Path, max_pixels: int) -> _Checked:
             # Lazy open parses the header only. PIL's own decompression-bomb check runs
             # here too: its error (or its warning, when warnings are errors) means the
             # image is far over any sane limit, so it refuses the dataset like ours does.
-            with Image.open(f, formats=_PIL_FORMATS) as im:
+            with Image.open(f, formats=PIL_FORMATS) as im:
                 width, height = im.size
                 if width * height > max_pixels:
                     return _Checked(
                         sha, width, height, size,
                         too_large=f"{width}x{height} = {width * height} pixels",
                     )
+                if too_elongated(width, height):
+                    # Resized by its short side for training, a thin strip becomes huge.
+                    return _Checked(sha, 0, 0, size, problem=(
+                        f"{width}x{height} is longer than {MAX_ASPECT_RATIO} times its width or height"))
                 im.verify()  # PNG: every chunk CRC; cheap, no decoding
             f.seek(0)
-            with Image.open(f, formats=_PIL_FORMATS) as im:
+            with Image.open(f, formats=PIL_FORMATS) as im:
                 # JPEG decodes at 1/8 scale via DCT scaling: a truncated or broken
                 # stream still fails, at a fraction of the cost of a full decode.
                 im.draft(None, (max(1, width // 8), max(1, height // 8)))

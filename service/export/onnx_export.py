@@ -42,6 +42,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from service import backbones
+from service.images import PIL_FORMATS
 from service.training.data import eval_transform
 
 INPUT = "input"
@@ -297,7 +298,7 @@ def load_images(samples: Sequence[tuple[pathlib.Path, int]], preprocessing: back
     pixels, tensor = T.Compose(steps[:2]), T.Compose(steps[2:])  # Resize, CenterCrop | ToTensor, Normalize
     floats, raws = [], []
     for path, _ in samples:
-        with Image.open(path) as image:
+        with Image.open(path, formats=PIL_FORMATS) as image:
             cropped = pixels(image.convert("RGB"))
         raws.append(np.asarray(cropped, dtype=np.uint8))  # (H, W, 3)
         floats.append(tensor(cropped).numpy())  # (3, H, W)

@@ -41,19 +41,12 @@ from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlug
 
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service.errors import InvalidArgument
+from service.images import check_size
 
 # Draft (DCT-scaled JPEG decoding) only while the reduced image's shorter side stays
 # at least this many times the resize target, so the resize still averages ≥ 4×4
 # decoded pixels per output pixel (the measurements above chose 4 over 2 and 3).
 DRAFT_MARGIN = 4.0
-
-# The longest side over the shortest: beyond it an image is refused before decoding.
-# The resize scales the shorter side to the model's resize target, so a 1 x 200,000
-# strip (0.2 MP, well under any pixel cap) would become 36 x 7.2 M pixels for a 32-px
-# model (7.5 s and 2.6 GB measured); with this cap the resized image is at most
-# MAX_ASPECT_RATIO x resize² pixels (256 x 8192 for a 224-px model, 6 MB).
-# Panoramas from phones are about 4:1 to 10:1.
-MAX_ASPECT_RATIO = 32
 
 _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -92,21 +85,6 @@ def open_image(data: bytes, where: str, max_pixels: int) -> ImageFile.ImageFile:
         raise InvalidArgument(f"{where}: cannot decode the {cls.format} header: {e}") from None
     check_size(*image.size, where, max_pixels)
     return image
-
-
-def check_size(width: int, height: int, where: str, max_pixels: int) -> None:
-    """Refuses an image over `max_pixels` or longer than MAX_ASPECT_RATIO times its
-    width or height, before any work on its pixels."""
-    if width * height > max_pixels:
-        raise InvalidArgument(
-            f"{where}: {width}x{height} = {width * height} pixels is over the server's max_image_pixels "
-            f"{max_pixels} (TLSERVE_MAX_IMAGE_PIXELS); downscale the image"
-        )
-    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        raise InvalidArgument(
-            f"{where}: {width}x{height} is longer than {MAX_ASPECT_RATIO} times its width or height, the most "
-            "this server accepts; crop the image"
-        )
 
 
 def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:

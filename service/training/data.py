@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
 from service import backbones
+from service.images import PIL_FORMATS
 from service.training.config import TrainConfig
 
 PARALLEL_DECODE_MIN_IMAGES = 512
@@ -58,7 +59,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        with Image.open(path) as image:
+        with Image.open(path, formats=PIL_FORMATS) as image:  # the decoders ingestion checked with, no other
             # convert() decodes and detaches from the file: palette, greyscale, RGBA,
             # CMYK all become three 8-bit channels.
             rgb = image.convert("RGB")
