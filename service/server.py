@@ -108,11 +108,13 @@ class TLServeServer:
         return self._metrics_server.address
 
     async def start(self) -> None:
-        await self._runner.start()
+        await self._runner.start(on_dead=self._runner_died)
         await self._server.start()
         for name in ("", TLSERVE_SERVICE):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._readiness.serving = True
+        if not self._runner.healthy:  # it died before SERVING was set: its report came too early
+            await self._runner_died()
         if self.settings.ready_file is not None:
             _write_atomically(
                 self.settings.ready_file,
@@ -129,6 +131,14 @@ class TLServeServer:
                 }
             },
         )
+
+    async def _runner_died(self) -> None:
+        """The job runner stopped supervising, so queued jobs would never start:
+        NOT_SERVING makes the probes fail and the orchestrator restart the server
+        (which resumes the jobs)."""
+        self._readiness.serving = False
+        for name in ("", TLSERVE_SERVICE):
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drains: NOT_SERVING first (load balancers stop routing), then no new

@@ -16,6 +16,13 @@ watches exits and enforces cancellation:
   checkpoint. Workers die with the server (`service.jobs.launch`), so
   nothing runs unsupervised.
 - `devices > 1` launches the worker under torchrun (DDP).
+
+Faults don't stop the supervision: an error while starting jobs (the store
+raising, the home briefly unwritable) is logged and retried after a pause that
+grows; a worker that can't be started fails its job with the reason; a worker's
+exit is recorded even if the store fails at first. The loop only ends in
+`stop`; if it ends any other way, `healthy` turns False and the `on_dead`
+callback given to `start` is awaited (the server then reports NOT_SERVING).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable, Coroutine
 
 from client.tlserve.v1 import tlserve_pb2 as pb
 from service import metrics
@@ -40,6 +48,15 @@ CANCEL_TERM_AFTER_SECONDS = 10.0
 CANCEL_KILL_AFTER_SECONDS = 5.0
 POLL_SECONDS = 0.5
 LOG_TAIL_LINES = 5
+# After errors in a row the pause doubles from POLL_SECONDS up to this: a store that
+# stays broken costs a log line every half minute, not a spinning core.
+BACKOFF_MAX_SECONDS = 30.0
+
+
+def backoff_seconds(failures: int) -> float:
+    """The pause before the next try after `failures` errors in a row (0: a plain poll)."""
+    return min(BACKOFF_MAX_SECONDS, POLL_SECONDS * 2 ** min(failures, 16))
+
 
 def worker_command(settings: Settings, job: pb.Job) -> list[str]:
     worker = ["-m", "service.jobs.worker", "--job-id", job.id, "--home", str(settings.home)]
@@ -70,14 +87,24 @@ class JobRunner:
         self._watchers: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
+        self._on_dead: Callable[[], Awaitable[None]] | None = None
         self._stopping = False
 
     def log_path(self, job_id: str):
         return self._settings.home / "jobs" / job_id / "worker.log"
 
-    async def start(self) -> None:
+    @property
+    def healthy(self) -> bool:
+        """Whether queued jobs are being started: started, and the loop still runs."""
+        return self._loop_task is not None and not self._loop_task.done()
+
+    async def start(self, *, on_dead: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Resumes interrupted jobs and starts the loop; `on_dead` is awaited if the loop
+        ever ends other than by `stop`."""
         await asyncio.to_thread(self._requeue_interrupted)
+        self._on_dead = on_dead
         self._loop_task = asyncio.create_task(self._run(), name="job-runner")
+        self._loop_task.add_done_callback(self._loop_ended)
 
     def _requeue_interrupted(self) -> None:
         for job_id in self._jobs.ids_in_state(pb.JOB_STATE_RUNNING):
@@ -87,24 +114,72 @@ class JobRunner:
     def wake(self) -> None:
         self._wake.set()
 
+    def _spawn(self, coroutine: Coroutine, name: str | None = None) -> None:
+        """Runs a task that `stop` cancels if it is still running then."""
+        task = asyncio.create_task(coroutine, name=name)
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
     async def _run(self) -> None:
+        """Starts queued jobs until `stop`. An error is logged and tried again after a
+        growing pause: a loop that ended here would leave every later job QUEUED."""
+        failures = 0
         while not self._stopping:
-            queued = await asyncio.to_thread(self._jobs.ids_in_state, pb.JOB_STATE_QUEUED)
-            for job_id in queued:
-                if len(self._active) >= self._settings.job_workers:
-                    break
-                if job_id not in self._active:
-                    await self._launch(job_id)
+            try:
+                await self._start_queued()
+                failures = 0
+            except Exception:
+                failures += 1
+                log.exception("cannot start queued jobs; trying again",
+                              extra={"fields": {"failures": failures, "retry_seconds": backoff_seconds(failures)}})
             self._wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+                await asyncio.wait_for(self._wake.wait(), backoff_seconds(failures))
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        """Only `stop` may end the loop; any other end is logged and reported to `on_dead`."""
+        if self._stopping:
+            return
+        error = None if task.cancelled() else task.exception()
+        log.error("the job runner stopped: queued jobs will not start", exc_info=error,
+                  extra={"fields": {"reason": repr(error) if error else "cancelled"}})
+        if self._on_dead is not None:
+            self._spawn(self._on_dead())
+
+    async def _start_queued(self) -> None:
+        queued = await asyncio.to_thread(self._jobs.ids_in_state, pb.JOB_STATE_QUEUED)
+        for job_id in queued:
+            if len(self._active) >= self._settings.job_workers:
+                break
+            if job_id not in self._active:
+                await self._launch(job_id)
 
     async def _launch(self, job_id: str) -> None:
         job = await asyncio.to_thread(self._jobs.get, job_id)
-        path = self.log_path(job_id)
+        try:
+            process = await self._start_worker(job)
+        except Exception as e:
+            # The cause (a full or unwritable home, no memory to fork) would fail a
+            # retry the same way; the job fails with it, and later jobs get their turn.
+            reason = f"could not start the training worker: {e}"
+            log.warning("job failed", extra={"fields": {"job_id": job_id, "reason": reason}})
+            job = await asyncio.to_thread(self._jobs.transition, job_id, pb.JOB_STATE_FAILED, error=reason)
+            self._metrics.observe_job_end(job)
+            return
+        self._active[job_id] = process
+        log.info("job started", extra={"fields": {"job_id": job_id, "pid": process.pid, "devices": job.request.devices}})
+        try:
+            await asyncio.to_thread(self._jobs.set_worker_pid, job_id, process.pid)
+        finally:
+            # Watched even if the store failed just now: a worker nobody waits for
+            # would leave its job RUNNING when it exits.
+            self._spawn(self._supervise(job_id, process), name=f"job-{job_id}")
+
+    async def _start_worker(self, job: pb.Job) -> asyncio.subprocess.Process:
+        path = self.log_path(job.id)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "ab") as out:
-            process = await asyncio.create_subprocess_exec(
+            return await asyncio.create_subprocess_exec(
                 *worker_command(self._settings, job),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
@@ -113,19 +188,27 @@ class JobRunner:
                 # server's to handle, and cancellation can signal torchrun's children too.
                 start_new_session=True,
             )
-        self._active[job_id] = process
-        await asyncio.to_thread(self._jobs.set_worker_pid, job_id, process.pid)
-        log.info("job started", extra={"fields": {"job_id": job_id, "pid": process.pid, "devices": job.request.devices}})
-        task = asyncio.create_task(self._supervise(job_id, process), name=f"job-{job_id}")
-        self._watchers.add(task)
-        task.add_done_callback(self._watchers.discard)
 
     async def _supervise(self, job_id: str, process: asyncio.subprocess.Process) -> None:
         returncode = await process.wait()
         self._active.pop(job_id, None)
-        if not self._stopping:
-            await asyncio.to_thread(self._settle, job_id, returncode)
+        await self._record_exit(job_id, returncode)
         self.wake()
+
+    async def _record_exit(self, job_id: str, returncode: int) -> None:
+        """Settles the job, trying again after a growing pause while the store fails
+        (a full disk): given up, the job would stay RUNNING with no worker."""
+        failures = 0
+        while not self._stopping:
+            try:
+                await asyncio.to_thread(self._settle, job_id, returncode)
+                return
+            except Exception:
+                failures += 1
+                pause = backoff_seconds(failures)
+                log.exception("cannot record a worker's exit; trying again",
+                              extra={"fields": {"job_id": job_id, "failures": failures, "retry_seconds": pause}})
+                await asyncio.sleep(pause)
 
     def _settle(self, job_id: str, returncode: int) -> None:
         """After a worker exits: a job it left unfinished is CANCELLED or FAILED. Either
@@ -156,13 +239,13 @@ class JobRunner:
         await asyncio.to_thread(self._jobs.request_cancel, job_id)
         process = self._active.get(job_id)
         if process is None:
+            # Queued, or RUNNING with no worker here (it exited and its end is not
+            # recorded yet): nothing would act on the flag, so the job ends now.
             job = await asyncio.to_thread(self._jobs.get, job_id)
-            if job.state == pb.JOB_STATE_QUEUED:
+            if job.state not in TERMINAL_STATES:
                 await asyncio.to_thread(self._jobs.transition, job_id, pb.JOB_STATE_CANCELLED, message="cancelled")
             return
-        task = asyncio.create_task(self._escalate(job_id, process))
-        self._watchers.add(task)
-        task.add_done_callback(self._watchers.discard)
+        self._spawn(self._escalate(job_id, process))
 
     async def _escalate(self, job_id: str, process: asyncio.subprocess.Process) -> None:
         for sig, wait in ((signal.SIGTERM, CANCEL_TERM_AFTER_SECONDS), (signal.SIGKILL, CANCEL_KILL_AFTER_SECONDS)):
@@ -179,7 +262,7 @@ class JobRunner:
         self._stopping = True
         self.wake()
         if self._loop_task is not None:
-            await self._loop_task
+            await asyncio.wait({self._loop_task})  # a loop that died was logged by `_loop_ended`
         for job_id, process in list(self._active.items()):
             # A worker may be finishing a job that already ended; only unfinished jobs resume.
             log.info("stopping worker", extra={"fields": {"job_id": job_id}})

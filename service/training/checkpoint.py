@@ -9,11 +9,13 @@ that on the CPU a resumed run reproduces an unbroken one bit for bit. Everything
 is tensors, numbers, strings, bytes, lists and dicts: it loads with
 `torch.load(weights_only=True)`, which never unpickles code. Writes are atomic
 (temporary file, fsync, rename, fsync of the directory): a crash mid-write
-leaves the previous checkpoint intact.
+leaves the previous checkpoint intact, and a write that fails (a full disk)
+removes its temporary file, which may be as big as the checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -33,11 +35,17 @@ def save(state: dict[str, Any], path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
+    try:
+        with open(temp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        # Left behind, a partial checkpoint would keep a full disk full.
+        with contextlib.suppress(OSError):
+            temp.unlink(missing_ok=True)
+        raise
     # The rename itself is durable only once the directory entry is on disk.
     directory = os.open(path.parent, os.O_RDONLY)
     try:

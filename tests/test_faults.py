@@ -1,0 +1,170 @@
+"""kill -9 of the server in the middle of an upload, an INT8 export and a profile:
+nothing half-done is published, nothing stored before is lost, no child process
+outlives it, and the next start cleans up what the crash left."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import client as tlclient
+from service.profiling.profile import MAX_ITERATIONS
+from tests.modelfactory import published_model
+from tests.serverproc import ServerProcess
+
+pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc for child processes")
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`, from /proc's parent links."""
+    parents: dict[int, int] = {}
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def tree_digest(root: pathlib.Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def kill_when(server: ServerProcess, ready, timeout: float = 120) -> None:
+    """SIGKILL the server as soon as `ready()` holds."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert time.monotonic() < deadline, "the operation never got under way"
+        time.sleep(0.005)
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait()
+
+
+def in_thread(fn) -> threading.Thread:
+    def run():
+        try:
+            fn()
+        except tlclient.TLServeError:
+            pass  # the server died under the call: what the test is about
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def noise_images(folder: pathlib.Path, per_class: int = 12, size: int = 96) -> None:
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (folder / label).mkdir(parents=True)
+        for i in range(per_class):  # noise: PNG cannot compress it, so the upload takes many chunks
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / label / f"{i}.png")
+
+
+def test_kill_9_during_an_upload_loses_nothing_and_the_next_start_removes_the_partial_file(tmp_path):
+    home = tmp_path / "home"
+    noise_images(tmp_path / "keep")
+    noise_images(tmp_path / "doomed", per_class=40)
+    server = ServerProcess(home).start()
+    with tlclient.Client(server.address, timeout=60) as tl:
+        kept = tl.upload_dataset(tmp_path / "keep", name="keep")
+    kept_files = tree_digest(home / "datasets" / kept.id)
+    uploads = home / "datasets" / ".uploads"
+    sent = [0]
+
+    def progress(done: int, total: int) -> None:
+        sent[0] = done
+        time.sleep(0.01)  # slow enough to be caught half-way
+
+    tl = tlclient.Client(server.address, timeout=60)
+    thread = in_thread(lambda: tl.upload_dataset(tmp_path / "doomed", name="doomed", chunk_size=32 << 10,
+                                                 progress=progress))
+    kill_when(server, lambda: sent[0] > 256 << 10 and any(uploads.iterdir()))
+    thread.join(30)
+    tl.close()
+    assert any(p.stat().st_size for p in uploads.iterdir()), "the kill was meant to interrupt the upload"
+
+    again = ServerProcess(home).start()
+    try:
+        with tlclient.Client(again.address, timeout=60) as tl:
+            assert [d.name for d in tl.list_datasets().datasets] == ["keep"]
+        assert list(uploads.iterdir()) == []
+        assert sorted(p.name for p in (home / "datasets").iterdir()) == sorted([".uploads", kept.id])
+        assert tree_digest(home / "datasets" / kept.id) == kept_files
+    finally:
+        assert again.terminate() == 0, again.log()
+
+
+@pytest.fixture(scope="module")
+def model_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("faults") / "home"
+    published_model(home, images_per_class=8, epochs=1)
+    return home
+
+
+def test_kill_9_during_an_int8_export_publishes_nothing_and_leaves_no_temp_files(model_home):
+    server = ServerProcess(model_home, "--data-root", str(model_home / "data")).start()
+    with tlclient.Client(server.address, timeout=60) as tl:
+        before = tl.get_model("shapes", version=1)
+    artifacts_before = tree_digest(model_home / "artifacts")
+    scratch = model_home / "tmp"
+    tl = tlclient.Client(server.address, timeout=300)
+    thread = in_thread(lambda: tl.export_model("shapes", version=1, precision="int8"))
+    kill_when(server, lambda: scratch.is_dir() and any(scratch.iterdir()))  # calibration under way
+    thread.join(30)
+    tl.close()
+
+    again = ServerProcess(model_home, "--data-root", str(model_home / "data")).start()
+    try:
+        with tlclient.Client(again.address, timeout=60) as tl:
+            after = tl.get_model("shapes", version=1)
+        assert [a.sha256 for a in after.artifacts] == [a.sha256 for a in before.artifacts]
+        assert tree_digest(model_home / "artifacts") == artifacts_before
+        assert list(scratch.iterdir()) == []
+    finally:
+        assert again.terminate() == 0, again.log()
+
+
+def test_kill_9_during_profiling_leaves_no_child_process(model_home):
+    server = ServerProcess(model_home, "--data-root", str(model_home / "data")).start()
+    baseline = descendants(server.proc.pid)  # e.g. multiprocessing's resource tracker
+    tl = tlclient.Client(server.address, timeout=300)
+    thread = in_thread(lambda: tl.profile_model("shapes", version=1, iterations=MAX_ITERATIONS))
+    children: set[int] = set()
+    deadline = time.monotonic() + 120
+    while not children - baseline:  # the profiling child has started
+        assert time.monotonic() < deadline, "profiling never started a child process"
+        children = descendants(server.proc.pid)
+        time.sleep(0.01)
+    time.sleep(0.5)  # and is under way
+    children = descendants(server.proc.pid) | children
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait()
+    thread.join(30)
+    tl.close()
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in children if alive(pid)], "a child outlived the killed server"
