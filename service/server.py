@@ -267,8 +267,10 @@ async def _create_server(settings: Settings, tokens: TokenTable | None, credenti
     # Models, profiles and jobs are read from the store at each scrape (detached in `stop`).
     metrics_store.STORE.attach(metadata, models, jobs)
     if tokens is None:
-        log.warning("no --auth-tokens-file: every call is allowed to whoever reaches the port",
-                    extra={"fields": {"grpc_address": settings.grpc_address}})
+        # Loopback: this machine's users only, the development default. Elsewhere --insecure was asked for.
+        log.log(logging.INFO if is_loopback(settings.grpc_address) else logging.WARNING,
+                "no --auth-tokens-file: every call is allowed to whoever reaches the port",
+                extra={"fields": {"grpc_address": settings.grpc_address}})
     elif credentials is None and not is_loopback(settings.grpc_address):
         log.warning("bearer tokens travel in clear text: give --tls-cert-file and --tls-key-file",
                     extra={"fields": {"grpc_address": settings.grpc_address}})

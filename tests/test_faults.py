@@ -17,6 +17,7 @@ from PIL import Image
 
 import client as tlclient
 from service.profiling.profile import MAX_ITERATIONS
+from service.store.artifacts import TEMP_PREFIX
 from tests.modelfactory import published_model
 from tests.serverproc import ServerProcess
 
@@ -168,3 +169,70 @@ def test_kill_9_during_profiling_leaves_no_child_process(model_home):
     while any(alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not [pid for pid in children if alive(pid)], "a child outlived the killed server"
+
+
+# -- a full disk --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of its own (remountable to any size), where this machine lets us mount one."""
+    import shutil
+    import subprocess
+
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+
+    def fill_to(free_bytes: int) -> None:
+        """Shrinks the disk to what it holds now plus `free_bytes`."""
+        used = shutil.disk_usage(mount_point).used
+        subprocess.run(["mount", "-o", f"remount,size={used + free_bytes}", str(mount_point)], check=True)
+
+    yield mount_point, fill_to
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_disk_during_an_upload_refuses_it_and_keeps_serving(small_disk, tmp_path):
+    disk, fill_to = small_disk
+    noise_images(tmp_path / "keep", per_class=4, size=32)
+    noise_images(tmp_path / "big", per_class=30, size=128)  # about 3 MB
+    server = ServerProcess(disk / "home").start()
+    try:
+        with tlclient.Client(server.address, timeout=60) as tl:
+            kept = tl.upload_dataset(tmp_path / "keep", name="keep")
+            files = tree_digest(disk / "home" / "datasets" / kept.id)
+            fill_to(1 << 20)
+            with pytest.raises(tlclient.TLServeError) as e:
+                tl.upload_dataset(tmp_path / "big", name="big")
+            assert e.value.code.name == "RESOURCE_EXHAUSTED" and "disk" in e.value.message, e.value.message
+            assert [d.name for d in tl.list_datasets().datasets] == ["keep"] and tl.health() == "SERVING"
+        assert list((disk / "home" / "datasets" / ".uploads").iterdir()) == []
+        assert tree_digest(disk / "home" / "datasets" / kept.id) == files
+    finally:
+        assert server.terminate() == 0, server.log()
+
+
+def test_a_full_disk_during_an_export_is_resource_exhausted_and_publishes_nothing(small_disk):
+    disk, fill_to = small_disk
+    home = disk / "home"
+    published_model(home, images_per_class=8, epochs=1, backbone="mobilenet_v3_small")
+    fill_to(2 << 20)  # the FP32 graph alone is about 6 MB
+    server = ServerProcess(home, "--data-root", str(home / "data")).start()
+    try:
+        with tlclient.Client(server.address, timeout=120) as tl:
+            before = tl.get_model("shapes", version=1)
+            for precision in ("fp32", "int8"):
+                with pytest.raises(tlclient.TLServeError) as e:
+                    tl.export_model("shapes", version=1, precision=precision)
+                assert e.value.code.name == "RESOURCE_EXHAUSTED", e.value.message
+                assert "ExportModel: the server's disk is full" in e.value.message
+            assert list(tl.get_model("shapes", version=1).artifacts) == list(before.artifacts)
+            assert tl.health() == "SERVING"
+        assert list((home / "tmp").iterdir()) == []
+        assert not [p for p in (home / "artifacts").rglob(f"{TEMP_PREFIX}*")]
+    finally:
+        assert server.terminate() == 0, server.log()

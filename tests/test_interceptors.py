@@ -136,3 +136,15 @@ def test_request_id_from_the_caller_is_echoed_only_when_plain(given, echoed):
     _, _, trailers = _run(lambda ch: _call(ch, "ok", metadata), registry=CollectorRegistry())
     assert (trailers["x-request-id"] == given) is echoed
     assert 1 <= len(trailers["x-request-id"]) <= 64
+
+
+def test_a_full_disk_or_a_missing_permission_is_said_so_and_other_os_errors_stay_internal():
+    import errno as errnos
+
+    from service.api.interceptors import _environment_status
+
+    code, message = _environment_status(OSError(errnos.ENOSPC, "No space left on device"), "tlserve.v1.TLServe/ExportModel")
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and message.startswith("ExportModel: the server's disk is full")
+    code, message = _environment_status(PermissionError(errnos.EACCES, "Permission denied"), "x.Y/Z")
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "permissions of its home" in message
+    assert _environment_status(OSError(errnos.EIO, "Input/output error"), "x.Y/Z")[0] is None
