@@ -170,6 +170,10 @@ class Settings:
     metrics_tls: bool = _setting(
         False, "serve the metrics endpoint over TLS too, with the same certificate (and client CA)", _bool
     )
+    metrics_auth: bool = _setting(
+        False, "the metrics endpoint asks for a bearer token with the metrics role (or admin) from "
+        "--auth-tokens-file, as Prometheus sends with authorization.credentials_file", _bool,
+    )
     ready_file: pathlib.Path | None = _setting(
         None, "once serving, write the bound addresses here as JSON (for scripts and tests)", _path
     )
@@ -246,6 +250,8 @@ class Settings:
                 "(TLSERVE_AUTH_TOKENS_FILE), or --insecure (TLSERVE_INSECURE=1) to let anyone who reaches the port "
                 "call every RPC"
             )
+        if self.metrics_auth and self.auth_tokens_file is None:
+            raise ConfigError("--metrics-auth needs --auth-tokens-file: the tokens it accepts come from there")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("--tls-cert-file and --tls-key-file go together: give both or neither")
         if self.tls_cert_file is None and (self.tls_client_ca_file is not None or self.metrics_tls):

@@ -256,6 +256,7 @@ async def _create_server(settings: Settings, tokens: TokenTable | None, credenti
             settings.metrics_address,
             tls=metrics_http.TLSFiles(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
             if settings.metrics_tls else None,
+            tokens=tokens if settings.metrics_auth else None,
         )
     except OSError as e:
         metadata.close()

@@ -400,3 +400,45 @@ def test_no_private_key_or_token_lands_in_the_log(mtls_server, server):
     for proc in (mtls_server, server):
         log = proc.log()
         assert ADMIN not in log and READER not in log and "PRIVATE KEY" not in log
+
+
+def test_metrics_auth_asks_scrapers_for_a_token_with_the_metrics_role(tmp_path):
+    path = tmp_path / "tokens"
+    scraper = "scraper-" + "s" * 30
+    path.write_text(tokens_text(f"ops admin {ADMIN}", f"prom metrics {scraper}", f"dash read {READER}"))
+    proc = ServerProcess(tmp_path / "home", "--auth-tokens-file", str(path), "--metrics-auth").start()
+    try:
+        url = f"http://{proc.metrics_address}/metrics"
+
+        def scrape(token: str | None) -> int:
+            request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    assert b"tlserve_build_info" in response.read()
+                    return response.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        assert [scrape(t) for t in (None, "x" * 30, READER, scraper, ADMIN)] == [401, 401, 403, 200, 200]
+    finally:
+        assert proc.terminate() == 0, proc.log()
+
+
+def test_metrics_auth_without_a_tokens_file_is_refused():
+    with pytest.raises(ConfigError, match="--metrics-auth needs --auth-tokens-file"):
+        Settings.parse(["--metrics-auth"], {})
+
+
+def test_a_client_that_never_finishes_its_handshake_does_not_stop_the_metrics_endpoint(mtls_server, pki):
+    import socket
+
+    host, port = mtls_server.metrics_address.rsplit(":", 1)
+    silent = socket.create_connection((host, int(port)), timeout=10)  # connects, never speaks TLS
+    try:
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+        url = f"https://{mtls_server.metrics_address}/metrics"
+        with urllib.request.urlopen(url, timeout=5, context=context) as response:
+            assert b"tlserve_build_info" in response.read()
+    finally:
+        silent.close()
