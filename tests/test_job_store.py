@@ -153,3 +153,30 @@ def test_delete_needs_a_version_or_all_versions_and_removes_files(models, tmp_pa
     with pytest.raises(NotFound):
         models.get("m")
     assert not (tmp_path / "artifacts" / "models" / "m" / "2").exists()
+
+
+def test_a_page_of_jobs_ends_before_it_would_pass_what_a_default_client_receives(jobs):
+    """Labels at their limits make a job about 20 KB: 300 of them in one page of 1,000
+    would be 6 MB, over the 4 MB a default gRPC client accepts."""
+    from service.store import paging
+
+    labels = {f"team.example/k{i:02d}": "v" * 256 for i in range(64)}
+    for _ in range(300):
+        jobs.create(request(labels=labels), "ds-1")
+    seen, token, pages = 0, "", 0
+    while True:
+        page, token = jobs.list(0, 1000, token)
+        assert sum(j.ByteSize() for j in page) <= paging.PAGE_BYTES and page
+        seen, pages = seen + len(page), pages + 1
+        if not token:
+            break
+    assert seen == 300 and pages >= 2
+    assert len(jobs.list(0, 10, "")[0]) == 10  # small pages are unchanged
+
+
+def test_fit_keeps_at_least_one_item_and_stops_at_the_budget():
+    from service.store.paging import fit
+
+    assert fit([5, 5, 5], lambda n: n, budget=10) == 2
+    assert fit([50], lambda n: n, budget=10) == 1
+    assert fit([], lambda n: n, budget=10) == 0

@@ -254,8 +254,9 @@ class Datasets:
             rows = self.store.query(
                 "SELECT id, create_time, proto FROM datasets ORDER BY create_time DESC, id DESC LIMIT ?", (size + 1,))
         page = rows[:size]
+        page = page[: paging.fit(page, lambda r: len(r["proto"]))]
         token = ""
-        if len(rows) > size:
+        if len(rows) > len(page):
             last = page[-1]
             token = base64.urlsafe_b64encode(json.dumps([last["create_time"], last["id"]]).encode()).decode()
         return [pb.Dataset.FromString(r["proto"]) for r in page], token

@@ -61,7 +61,7 @@ class JobStore:
             rows = self._store.query("SELECT proto FROM jobs WHERE state = ? ORDER BY create_time DESC, id", (state,))
         else:
             rows = self._store.query("SELECT proto FROM jobs ORDER BY create_time DESC, id")
-        chunk, token = paging.page("jobs", rows, page_size, page_token)
+        chunk, token = paging.page("jobs", rows, page_size, page_token, size_of=lambda r: len(r["proto"]))
         return [pb.Job.FromString(r["proto"]) for r in chunk], token
 
     def count_by_state(self) -> dict[int, int]:

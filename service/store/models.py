@@ -169,8 +169,16 @@ class ModelStore:
         if latest_only:
             seen: set[str] = set()
             rows = [r for r in rows if not (r["name"] in seen or seen.add(r["name"]))]
-        chunk, token = paging.page("models", rows, page_size, page_token)
-        return [self.get(r["name"], r["version"]) for r in chunk], token
+        loaded: dict[tuple[str, int], pb.Model] = {}
+
+        def model(row) -> pb.Model:
+            key = (row["name"], row["version"])
+            if key not in loaded:
+                loaded[key] = self.get(*key)
+            return loaded[key]
+
+        chunk, token = paging.page("models", rows, page_size, page_token, size_of=lambda r: model(r).ByteSize())
+        return [model(r) for r in chunk], token
 
     def delete(self, ref: pb.ModelRef, all_versions: bool) -> list[pb.ModelRef]:
         """Deletes one version, or every version with `all_versions`; files go with the rows."""
