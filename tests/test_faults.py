@@ -236,3 +236,73 @@ def test_a_full_disk_during_an_export_is_resource_exhausted_and_publishes_nothin
         assert not [p for p in (home / "artifacts").rglob(f"{TEMP_PREFIX}*")]
     finally:
         assert server.terminate() == 0, server.log()
+
+
+# -- SIGTERM under load ---------------------------------------------------------------------
+
+
+def test_sigterm_with_predictions_and_a_job_in_flight_drains_and_the_job_resumes(model_home):
+    """Predictions in flight finish or are refused cleanly (never INTERNAL), the server
+    exits 0 within the grace period, and the job it was running resumes at the next start."""
+    import io
+
+    import grpc
+
+    from client.tlserve.v1 import tlserve_pb2 as pb
+
+    args = ("--data-root", str(model_home / "data"), "--grace-seconds", "5")
+    server = ServerProcess(model_home, *args).start()
+    image = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(image, "PNG")
+    with tlclient.Client(server.address, timeout=120) as tl:
+        tl.export_model("shapes", version=1, precision="fp32")
+        dataset = tl.get_model("shapes", version=1).lineage.dataset_id
+        job = tl.fine_tune(pb.FineTuneRequest(
+            dataset=dataset, model_name="resumed", backbone="resnet18", image_size=32, seed=3,
+            weights=pb.WeightsSource(scratch=pb.WeightsSource.Scratch()), strategy=pb.STRATEGY_FULL,
+            training=pb.TrainingOptions(epochs=4, batch_size=8)))
+        for event in tl.watch_job(job.id):
+            if event.phase == pb.JOB_PHASE_TRAINING:
+                break
+    codes: list[grpc.StatusCode] = []
+    stop = threading.Event()
+
+    def predict_loop() -> None:
+        with tlclient.Client(server.address, timeout=30) as client:
+            while not stop.is_set():
+                try:
+                    client.predict("shapes:1", [image.getvalue()] * 4)
+                    codes.append(grpc.StatusCode.OK)
+                except tlclient.TLServeError as e:
+                    codes.append(e.code)
+                    if e.code == grpc.StatusCode.UNAVAILABLE:
+                        return  # the server has gone
+
+    threads = [threading.Thread(target=predict_loop, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while codes.count(grpc.StatusCode.OK) < 8:
+        assert time.monotonic() < deadline, f"predictions did not get through: {codes}"
+        time.sleep(0.05)
+    started = time.monotonic()
+    code = server.terminate(timeout=60)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert code == 0, server.log()
+    assert time.monotonic() - started < 30
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, codes
+
+    again = ServerProcess(model_home, *args).start()
+    try:
+        with tlclient.Client(again.address, timeout=60) as tl:
+            deadline = time.monotonic() + 240
+            while (job := tl.get_job(job.id)).state not in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED,
+                                                           pb.JOB_STATE_CANCELLED):
+                assert time.monotonic() < deadline, job
+                time.sleep(0.5)
+            assert job.state == pb.JOB_STATE_SUCCEEDED and job.attempts == 2, job.error
+            assert tl.predict("shapes:1", [image.getvalue()]).predictions
+    finally:
+        assert again.terminate() == 0, again.log()

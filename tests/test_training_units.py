@@ -456,3 +456,18 @@ def test_training_crops_show_the_scale_and_field_the_eval_view_shows():
     # Crops of 80-100 % of the eval crop's area, around it: mostly what eval shows. A crop
     # of 80-100 % of the raw image would be a quarter red on average.
     assert min(green) > 0.8 and sum(green) / len(green) > 0.93
+
+
+def test_training_opens_only_the_formats_ingestion_allows(tmp_path):
+    """A file that changed after ingestion, now a GIF (or an EPS, whose decoder runs
+    Ghostscript), is not parsed by training: the same four decoders as ingestion."""
+    from PIL import Image, UnidentifiedImageError
+
+    from service.training.data import ImageDataset
+
+    path = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(path, "GIF")
+    with pytest.raises(UnidentifiedImageError):
+        ImageDataset([(path, 0)], transform=lambda image: image)[0]
+    Image.new("RGB", (8, 8)).save(path, "PNG")
+    assert ImageDataset([(path, 0)], transform=lambda image: image.size)[0] == ((8, 8), 0)
