@@ -19,6 +19,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/tlserve
 # Dependencies first, so code changes don't reinstall torch.
 COPY pyproject.toml constraints.txt README.md ./
+COPY tlserve/ tlserve/
 COPY client/ client/
 COPY service/ service/
 RUN pip install -c constraints.txt ".[server]" \
@@ -29,4 +30,4 @@ VOLUME ["/var/lib/tlserve"]
 EXPOSE 50051 9464
 # SIGTERM drains: health goes NOT_SERVING, in-flight calls get TLSERVE_GRACE_SECONDS.
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["python", "-m", "service"]
+ENTRYPOINT ["python", "-m", "tlserve.service"]

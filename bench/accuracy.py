@@ -57,7 +57,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch  # noqa: E402
 
 from bench import common, realdata, reference  # noqa: E402
-from client.tlserve.v1 import tlserve_pb2 as pb  # noqa: E402
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb  # noqa: E402
 
 S = pb.Strategy
 FIGURES = (
@@ -273,7 +273,7 @@ def report(cells: list[Cell], settings: Settings, int8_deltas: dict[str, float],
 def int8_delta(tl, model: pb.Model) -> float:
     """ExportModel INT8's accuracy delta against FP32, in points; NaN where the export's
     parity check refused to publish it (FAILED_PRECONDITION, its reason printed)."""
-    import client as tlclient
+    import tlserve.client as tlclient
 
     try:
         artifact = tl.export_model(model.name, version=model.version, precision=pb.PRECISION_INT8, timeout=1800)
@@ -289,7 +289,7 @@ def int8_delta(tl, model: pb.Model) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
-    import client as tlclient
+    import tlserve.client as tlclient
 
     settings = SETTINGS["quick" if args.quick else "full"]
     if args.sets:

@@ -40,7 +40,7 @@ def cpu_name() -> str:
 def wait_for_model(tl, job, what: str, timeout: float = 3600):
     """Polls a FineTune job until it ends: its published ModelRef, or RuntimeError
     naming `what` and the job's error."""
-    from client.tlserve.v1 import tlserve_pb2 as pb
+    from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 
     deadline = time.monotonic() + timeout
     while job.state not in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED):

@@ -68,13 +68,13 @@ from torchvision.datasets import ImageFolder  # noqa: E402
 
 from bench import common  # noqa: E402
 from bench.common import table  # noqa: E402
-from client.tlserve.v1 import tlserve_pb2 as pb  # noqa: E402
-from service import backbones  # noqa: E402
-from service.manifest import Manifest  # noqa: E402
-from service.training import checkpoint, data, engine  # noqa: E402
-from service.training.config import STRATEGIES, TrainConfig  # noqa: E402
-from service.training.selfcheck import synthetic_manifest  # noqa: E402
-from service.training.synthetic import SOURCE_SHAPES, TARGET_SHAPES  # noqa: E402
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb  # noqa: E402
+from tlserve.service import backbones  # noqa: E402
+from tlserve.service.manifest import Manifest  # noqa: E402
+from tlserve.service.training import checkpoint, data, engine  # noqa: E402
+from tlserve.service.training.config import STRATEGIES, TrainConfig  # noqa: E402
+from tlserve.service.training.selfcheck import synthetic_manifest  # noqa: E402
+from tlserve.service.training.synthetic import SOURCE_SHAPES, TARGET_SHAPES  # noqa: E402
 
 S = pb.Strategy
 NONE = backbones.WeightsChoice(kind="none")

@@ -69,7 +69,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
-from client.tlserve.v1 import tlserve_pb2 as pb  # noqa: E402
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb  # noqa: E402
 
 FIGURES = (
     "ort_vs_torch_ratio_b1",
@@ -122,7 +122,7 @@ def start_server(home: Path, data_root: Path, *extra: str):
 def export_all(tl, ref: pb.ModelRef) -> dict[int, pb.ModelArtifact | str]:
     """Each precision's artifact, or, where ExportModel refused to publish it (its parity
     or accuracy check failed: FAILED_PRECONDITION), the server's reason."""
-    import client as tlclient
+    import tlserve.client as tlclient
 
     out: dict[int, pb.ModelArtifact | str] = {}
     for precision in (pb.PRECISION_FP32, pb.PRECISION_FP16, pb.PRECISION_INT8):
@@ -138,7 +138,7 @@ def export_all(tl, ref: pb.ModelRef) -> dict[int, pb.ModelArtifact | str]:
 def make_model(tl, backbone: str, settings: Settings, data_root: Path) -> tuple[pb.Model, dict[int, pb.ModelArtifact]]:
     """The speed model: dataset → FineTune (feature extraction, random weights) →
     ExportModel FP32/FP16/INT8 at the benchmark's input size."""
-    from service.training.synthetic import TARGET_SHAPES, write_image_folder
+    from tlserve.service.training.synthetic import TARGET_SHAPES, write_image_folder
 
     folder = data_root / f"shapes{settings.image_size}"
     if not folder.exists():
@@ -166,7 +166,7 @@ def make_accuracy_model(tl, backbone: str, data_root: Path, epochs: int) -> tupl
     augmentation, all epochs run. Measured on this benchmark's 2 CPU cores, 15 epochs:
     40 images per class 0.36 test top-1 (chance 0.33), 150 0.50, 300 0.59 at rate 1e-3,
     0.70 at 3e-3 (85 s), 0.44 at 1e-2."""
-    from service.training.synthetic import TARGET_SHAPES, write_image_folder
+    from tlserve.service.training.synthetic import TARGET_SHAPES, write_image_folder
 
     folder = data_root / "shapes32-accuracy"
     if not folder.exists():
@@ -187,7 +187,7 @@ def make_accuracy_model(tl, backbone: str, data_root: Path, epochs: int) -> tupl
 
 
 def artifact_file(home: Path, model: pb.Model, precision: int) -> Path:
-    from service.store.models import model_dir
+    from tlserve.service.store.models import model_dir
 
     name = pb.Precision.Name(precision).removeprefix("PRECISION_").lower()
     return home / "artifacts" / model_dir(model.name, model.version) / f"model-{name}-float_nchw.onnx"
@@ -218,7 +218,7 @@ def timed_calls(fn, seconds: float, min_calls: int = 3) -> list[float]:
 def bench_inprocess(home: Path, model: pb.Model, reference: InProcess, settings: Settings) -> dict:
     import torch
 
-    from service import backbones
+    from tlserve.service import backbones
 
     built = backbones.load_published(
         pt_path(home, model), model.backbone, len(model.class_names), backbones.Preprocessing.from_proto(model.preprocessing),
@@ -253,7 +253,7 @@ def bench_inprocess(home: Path, model: pb.Model, reference: InProcess, settings:
 
 
 def pt_path(home: Path, model: pb.Model) -> Path:
-    from service.store.models import model_dir
+    from tlserve.service.store.models import model_dir
 
     return home / "artifacts" / model_dir(model.name, model.version) / "model.pt"
 
@@ -598,9 +598,9 @@ def machine() -> dict[str, str]:
     import onnxruntime
     import torch
 
-    from service.config import Settings
-    from service.inference.sessions import cpu_lanes
-    from service.training.data import available_cpus
+    from tlserve.service.config import Settings
+    from tlserve.service.inference.sessions import cpu_lanes
+    from tlserve.service.training.data import available_cpus
 
     return {
         "cpu": common.cpu_name(), "cores": str(available_cpus()), "torch": torch.__version__,
@@ -622,7 +622,7 @@ def main(args: argparse.Namespace) -> int:
         f"{datetime.datetime.now().isoformat(timespec='seconds')}")
     say(table(["machine", ""], [[k, v] for k, v in machine().items()]))
     say("\nsettings: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(settings).items()) + "\n")
-    import client as tlclient
+    import tlserve.client as tlclient
 
     workdir = Path(tempfile.mkdtemp(prefix="tlserve-bench-predict-", dir=args.tmp))
     figures: dict[str, float] = {}

@@ -68,7 +68,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 # Light imports only: every client process imports this module (no numpy, torch or PIL
 # at the top; the server-side helpers import them where they are used).
 from bench import common  # noqa: E402
-from client.tlserve.v1 import tlserve_pb2 as pb  # noqa: E402
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb  # noqa: E402
 
 FIGURES = (
     "predict_per_second",
@@ -140,7 +140,7 @@ def finetune_request(dataset_id: str, model_name: str, settings: Settings, epoch
 def make_model(tl, settings: Settings, data_root: Path) -> tuple[pb.Model, str]:
     """The model the clients call, and the dataset id the fine-tune traffic reuses:
     shapes → RegisterDataset → FineTune → ExportModel FP32."""
-    from service.training.synthetic import TARGET_SHAPES, write_image_folder
+    from tlserve.service.training.synthetic import TARGET_SHAPES, write_image_folder
 
     folder = data_root / f"shapes{settings.image_size}"
     write_image_folder(folder, TARGET_SHAPES[:3], settings.images_per_class, size=settings.image_size, seed=5)
@@ -301,7 +301,7 @@ class MetadataLoop(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        import client as tlclient
+        import tlserve.client as tlclient
 
         with tlclient.Client(self.address, timeout=30) as tl:
             methods = [
@@ -337,7 +337,7 @@ class FineTuneLoop(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        import client as tlclient
+        import tlserve.client as tlclient
 
         try:
             with tlclient.Client(self.address, timeout=60) as tl:
@@ -525,7 +525,7 @@ def machine() -> dict[str, str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    import client as tlclient
+    import tlserve.client as tlclient
 
     mode = "test" if args.test else "quick" if args.quick else "full"
     settings = SETTINGS[mode]

@@ -3,7 +3,7 @@ transfer-learning service, with one typed method per RPC in a sync `Client` and 
 asyncio `AsyncClient`, `TLServeError` for every failed call, and the generated
 messages as `pb`; the `tlserve` command line (`client.cli`) is built on it.
 
-    from client import Client
+    from tlserve.client import Client
     with Client("127.0.0.1:50051") as tl:
         job = tl.fine_tune(dataset="flowers", model_name="flowers", backbone="resnet18")
         for event in tl.watch_job(job.id): print(event.epoch, event.val_accuracy)
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import importlib.metadata
 
-from client._aio import AsyncClient
-from client._client import Client
-from client._common import TLS, TLServeError, parse_model_ref
-from client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.client._aio import AsyncClient
+from tlserve.client._client import Client
+from tlserve.client._common import TLS, TLServeError, parse_model_ref
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 
 try:
     __version__ = importlib.metadata.version("tlserve")

@@ -23,10 +23,10 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
-from client import _common as c
-from client._common import ProgressFn, TLServeError
-from client.tlserve.v1 import tlserve_pb2 as pb
-from client.tlserve.v1 import tlserve_pb2_grpc
+from tlserve.client import _common as c
+from tlserve.client._common import ProgressFn, TLServeError
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.client.tlserve.v1 import tlserve_pb2_grpc
 
 T = TypeVar("T")
 

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
-from client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 
 SERVICE = "tlserve.v1.TLServe"
 HEALTH_SERVICE = "grpc.health.v1.Health"

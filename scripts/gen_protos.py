@@ -7,20 +7,25 @@ temporary directory and fails if they differ from what is checked in.
     python scripts/gen_protos.py            # write into client/
     python scripts/gen_protos.py --out DIR  # write somewhere else
 
-`protos/` is mapped onto the virtual root `client/` so that the generated
-imports read `from client.tlserve.v1 import tlserve_pb2`: importable as a
-package, with no sys.path changes.
+`protos/` is mapped onto the virtual root `tlserve/client/` so that the generated
+imports read `from tlserve.client.tlserve.v1 import tlserve_pb2`, the package's
+installed name (the source folder `client/` is installed as `tlserve.client`):
+protoc writes under `tlserve/client/` in a scratch directory, and the files are
+moved into `client/`.
 """
 
 from __future__ import annotations
 
 import argparse
 import pathlib
+import shutil
 import sys
+import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PROTOS = ROOT / "protos"
-PACKAGE = "client"
+PACKAGE = "tlserve/client"  # the import path the generated modules use
+FOLDER = "client"  # where they live in the tree
 
 
 def proto_files() -> list[str]:
@@ -33,21 +38,27 @@ def generate(out: pathlib.Path) -> None:
 
     include = pathlib.Path(grpc_tools.__file__).parent / "_proto"
     files = [f"{PACKAGE}/{name}" for name in proto_files()]
-    args = [
-        "grpc_tools.protoc",
-        f"-I{PACKAGE}={PROTOS}",
-        f"-I{include}",
-        f"--python_out={out}",
-        f"--pyi_out={out}",
-        f"--grpc_python_out={out}",
-        *files,
-    ]
-    if protoc.main(args) != 0:
-        raise SystemExit("protoc failed")
+    with tempfile.TemporaryDirectory() as scratch:
+        args = [
+            "grpc_tools.protoc",
+            f"-I{PACKAGE}={PROTOS}",
+            f"-I{include}",
+            f"--python_out={scratch}",
+            f"--pyi_out={scratch}",
+            f"--grpc_python_out={scratch}",
+            *files,
+        ]
+        if protoc.main(args) != 0:
+            raise SystemExit("protoc failed")
+        generated = pathlib.Path(scratch) / PACKAGE
+        for path in sorted(p for p in generated.rglob("*") if p.is_file()):
+            target = out / FOLDER / path.relative_to(generated)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
     # Every directory on the way to a generated module is a package.
     for name in proto_files():
-        d = out / PACKAGE / pathlib.Path(name).parent
-        while d != out / PACKAGE:
+        d = out / FOLDER / pathlib.Path(name).parent
+        while d != out / FOLDER:
             (d / "__init__.py").touch()
             d = d.parent
 

@@ -1,4 +1,4 @@
-"""`python -m service` (and `tlserve serve`): run the tlserve server.
+"""`python -m tlserve.service` (and `tlserve serve`): run the tlserve server.
 
 Settings come from flags and TLSERVE_* environment variables (see
 `service.config`). A bad setting, an unusable home or a port that can't be
@@ -11,9 +11,9 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from service import logs
-from service.config import Settings
-from service.errors import TLServeError
+from tlserve.service import logs
+from tlserve.service.config import Settings
+from tlserve.service.errors import TLServeError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -22,7 +22,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.setup(settings.log_level, settings.log_format)
         # Imported after the settings are known good: it loads torch (seconds),
         # and a mistyped flag should fail at once.
-        from service.server import serve
+        try:
+            from tlserve.service.server import serve
+        except ImportError as e:  # the client-only install: `pip install tlserve`
+            print(f"tlserve: error: the server's dependencies are not installed ({e}); install tlserve[server]",
+                  file=sys.stderr)
+            return 2
 
         asyncio.run(serve(settings))
     except TLServeError as e:

@@ -10,7 +10,7 @@ A tokens file holds one token per line, `NAME ROLES SECRET`:
 Only the SHA-256 of each token is kept in memory, and a presented token is
 compared with every stored digest in constant time (`hmac.compare_digest`), so
 neither the file's plain tokens nor the comparison's timing tell a caller what a
-token is. `tlserve token` (or `python -m service.auth`) makes a token and its
+token is. `tlserve token` (or `python -m tlserve.service.auth`) makes a token and its
 line. The roles:
 
 - `admin`: everything (datasets, fine-tuning, export, download, delete, profiling);
@@ -36,7 +36,7 @@ import secrets
 import sys
 import threading
 
-from service.errors import ConfigError
+from tlserve.service.errors import ConfigError
 
 log = logging.getLogger("tlserve.auth")
 
@@ -201,7 +201,7 @@ def token_line(name: str, roles: str, token: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m service.auth NAME ROLES`: prints a new token, then its tokens-file line."""
+    """`python -m tlserve.service.auth NAME ROLES`: prints a new token, then its tokens-file line."""
     import argparse
 
     parser = argparse.ArgumentParser(

@@ -5,7 +5,7 @@ ProfileModel measures each variant and CompareBackbones probes its backbones in 
 function run by `run_in_child` (a fresh spawned interpreter, so the measurement
 starts clean and a crash or the out-of-memory killer takes only the child), and
 the job runner starts each training worker, or torchrun, through
-`python -m service.jobs.launch`, which calls `die_with_parent` before it execs.
+`python -m tlserve.service.jobs.launch`, which calls `die_with_parent` before it execs.
 Either way Linux's parent-death signal (SIGKILL) is set in the child, so a server
 killed with -9 leaves no work running unsupervised.
 
@@ -31,7 +31,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from service.errors import Cancelled, ResourceExhausted, TLServeError
+from tlserve.service.errors import Cancelled, ResourceExhausted, TLServeError
 
 log = logging.getLogger(__name__)
 

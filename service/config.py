@@ -18,7 +18,7 @@ import os
 import pathlib
 from collections.abc import Mapping, Sequence
 
-from service.errors import ConfigError
+from tlserve.service.errors import ConfigError
 
 ENV_PREFIX = "TLSERVE_"
 MiB = 1024 * 1024

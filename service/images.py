@@ -4,7 +4,7 @@ decoded. Ingestion, training and Predict all use these."""
 
 from __future__ import annotations
 
-from service.errors import InvalidArgument
+from tlserve.service.errors import InvalidArgument
 
 # Only these PIL plugins may parse user files: an unrestricted Image.open would
 # also try formats such as EPS, whose load() runs Ghostscript.

@@ -25,29 +25,29 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from client.tlserve.v1 import tlserve_pb2, tlserve_pb2_grpc
-from service import hardware, metrics
-from service.metrics import gpu as _gpu_collector  # noqa: F401 - registers the GPU collector
-from service.metrics import http as metrics_http
-from service.metrics import store as metrics_store
-from service.api import kserve
-from service.api.auth import AuthInterceptor
-from service.api.interceptors import ErrorInterceptor, MessageSizeInterceptor, ObserveInterceptor
-from service.auth import TokenTable
-from service.api.servicer import ServerState, TLServeServicer
-from service.clock import now
-from service.config import Settings, is_loopback, split_address
-from service.datasets import Datasets
-from service.errors import ConfigError
-from service.export.service import ExportService
-from service.profiling.compare import BackboneComparer
-from service.profiling.profile import ProfileService
-from service.inference.service import InferenceService
-from service.jobs.runner import JobRunner
-from service.jobs.service import JobService
-from service.store import ArtifactStore, MetadataStore
-from service.store.jobs import JobStore
-from service.store.models import ModelStore
+from tlserve.client.tlserve.v1 import tlserve_pb2, tlserve_pb2_grpc
+from tlserve.service import hardware, metrics
+from tlserve.service.metrics import gpu as _gpu_collector  # noqa: F401 - registers the GPU collector
+from tlserve.service.metrics import http as metrics_http
+from tlserve.service.metrics import store as metrics_store
+from tlserve.service.api import kserve
+from tlserve.service.api.auth import AuthInterceptor
+from tlserve.service.api.interceptors import ErrorInterceptor, MessageSizeInterceptor, ObserveInterceptor
+from tlserve.service.auth import TokenTable
+from tlserve.service.api.servicer import ServerState, TLServeServicer
+from tlserve.service.clock import now
+from tlserve.service.config import Settings, is_loopback, split_address
+from tlserve.service.datasets import Datasets
+from tlserve.service.errors import ConfigError
+from tlserve.service.export.service import ExportService
+from tlserve.service.profiling.compare import BackboneComparer
+from tlserve.service.profiling.profile import ProfileService
+from tlserve.service.inference.service import InferenceService
+from tlserve.service.jobs.runner import JobRunner
+from tlserve.service.jobs.service import JobService
+from tlserve.service.store import ArtifactStore, MetadataStore
+from tlserve.service.store.jobs import JobStore
+from tlserve.service.store.models import ModelStore
 
 log = logging.getLogger("tlserve.server")
 

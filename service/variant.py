@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 
 RUNTIMES = ("pytorch", "onnx")
 PRECISIONS = ("fp32", "fp16", "int8")  # also their sort order

@@ -31,7 +31,7 @@ def server_factory(tmp_path):
 
 @pytest.fixture
 def client(live_server):
-    import client as tlclient
+    import tlserve.client as tlclient
 
     with tlclient.Client(live_server.address, timeout=30) as c:
         yield c
@@ -41,7 +41,7 @@ def client(live_server):
 def tl(server):
     """A client of the module's own `server` fixture: each integration module
     starts the server its tests need (home, flags) and shares this client."""
-    import client as tlclient
+    import tlserve.client as tlclient
 
     with tlclient.Client(server.address, timeout=300) as c:
         yield c

@@ -15,20 +15,20 @@ import pathlib
 
 import torch
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import backbones
-from service.config import Settings
-from service.datasets import Datasets
-from service.jobs.worker import publish
-from service.manifest import Manifest
-from service.store.artifacts import ArtifactStore
-from service.store.metadata import MetadataStore
-from service.store.models import ModelStore, model_dir
-from service.variant import Variant
-from service.training.config import TrainConfig
-from service.training.engine import fine_tune
-from service.training.selfcheck import PrintReporter
-from service.training.synthetic import TARGET_SHAPES, write_image_folder
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import backbones
+from tlserve.service.config import Settings
+from tlserve.service.datasets import Datasets
+from tlserve.service.jobs.worker import publish
+from tlserve.service.manifest import Manifest
+from tlserve.service.store.artifacts import ArtifactStore
+from tlserve.service.store.metadata import MetadataStore
+from tlserve.service.store.models import ModelStore, model_dir
+from tlserve.service.variant import Variant
+from tlserve.service.training.config import TrainConfig
+from tlserve.service.training.engine import fine_tune
+from tlserve.service.training.selfcheck import PrintReporter
+from tlserve.service.training.synthetic import TARGET_SHAPES, write_image_folder
 
 CLASSES = TARGET_SHAPES[:3]
 

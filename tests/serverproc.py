@@ -25,7 +25,7 @@ class ServerProcess:
         self.ready_file = self.home.parent / f"{self.home.name}.ready.json"
         self.log_path = self.home.parent / f"{self.home.name}.log"
         self.args = [
-            sys.executable, "-m", "service",
+            sys.executable, "-m", "tlserve.service",
             "--home", str(self.home),
             "--grpc-address", "127.0.0.1:0",
             "--metrics-address", "127.0.0.1:0",

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-import client as tlclient
+import tlserve.client as tlclient
 from bench import realdata
-from client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 from tests.serverproc import serving
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from service.api.streams import call_deadline, ordered_replies
+from tlserve.service.api.streams import call_deadline, ordered_replies
 
 
 async def _requests(items, *, fail_after: int | None = None):

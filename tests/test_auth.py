@@ -16,17 +16,17 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import client as tlclient
-from client import TLS
-from client.cli import main as cli_main
-from client.inference import grpc_service_pb2 as kpb
-from client.inference import grpc_service_pb2_grpc as kgrpc
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import auth
-from service.api.auth import REQUIRED_ROLE, required_role
-from service.auth import Principal, Role, TokenTable, parse_tokens
-from service.config import Settings, is_loopback
-from service.errors import ConfigError
+import tlserve.client as tlclient
+from tlserve.client import TLS
+from tlserve.client.cli import main as cli_main
+from tlserve.client.inference import grpc_service_pb2 as kpb
+from tlserve.client.inference import grpc_service_pb2_grpc as kgrpc
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import auth
+from tlserve.service.api.auth import REQUIRED_ROLE, required_role
+from tlserve.service.auth import Principal, Role, TokenTable, parse_tokens
+from tlserve.service.config import Settings, is_loopback
+from tlserve.service.errors import ConfigError
 from tests.pki import make_pki
 from tests.serverproc import ServerProcess
 
@@ -164,7 +164,7 @@ def test_half_a_tls_setup_is_refused(flags, says):
 
 
 def test_the_server_refuses_a_public_bind_without_tokens_in_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "service", "--home", str(tmp_path), "--grpc-address", "0.0.0.0:0"],
+    done = subprocess.run([sys.executable, "-m", "tlserve.service", "--home", str(tmp_path), "--grpc-address", "0.0.0.0:0"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
@@ -177,7 +177,7 @@ def test_an_unreadable_or_bad_tokens_file_stops_the_start_in_one_line(tmp_path):
     bad = tmp_path / "tokens"
     bad.write_text("ops admin short\n")
     for path, says in ((tmp_path / "missing", "cannot read the tokens file"), (bad, "line 1: the token of 'ops'")):
-        done = subprocess.run([sys.executable, "-m", "service", "--home", str(tmp_path / "home"),
+        done = subprocess.run([sys.executable, "-m", "tlserve.service", "--home", str(tmp_path / "home"),
                                "--grpc-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0",
                                "--auth-tokens-file", str(path)], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -15,9 +15,9 @@ import torchvision
 from torchvision.models.regnet import BlockParams
 from torchvision.models.vision_transformer import interpolate_embeddings
 
-from service import backbones
-from service.backbones import WeightsChoice, WeightsHashMismatch, WeightsNotCached, build
-from service.errors import FailedPrecondition, InvalidArgument, NotFound
+from tlserve.service import backbones
+from tlserve.service.backbones import WeightsChoice, WeightsHashMismatch, WeightsNotCached, build
+from tlserve.service.errors import FailedPrecondition, InvalidArgument, NotFound
 
 NONE = WeightsChoice("none")
 

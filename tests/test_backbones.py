@@ -9,9 +9,9 @@ import pytest
 import torch
 import torchvision
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import backbones
-from service.backbones import (
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import backbones
+from tlserve.service.backbones import (
     UnknownBackbone,
     UnknownFamily,
     UnknownWeights,

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from bench import finetune
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.training import engine
-from service.training.synthetic import TARGET_SHAPES
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.training import engine
+from tlserve.service.training.synthetic import TARGET_SHAPES
 
 TINY = dataclasses.replace(finetune.SETTINGS["quick"], image_size=32, val=2, test=2)
 CPU = torch.device("cpu")

@@ -120,7 +120,7 @@ def test_final_lines_end_with_the_required_figures_in_order():
 
 
 def test_a_predict_request_for_the_load_client_parses_back():
-    from client.tlserve.v1 import tlserve_pb2 as pb
+    from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 
     request = pb.PredictRequest.FromString(predict.predict_request_bytes("m", "tensor", 8))
     assert list(request.images[0].tensor.shape) == [8, 8, 3]
@@ -130,7 +130,7 @@ def test_a_predict_request_for_the_load_client_parses_back():
 
 
 def test_a_variant_export_refused_is_reported_with_its_reason_not_measured(tmp_path):
-    from client.tlserve.v1 import tlserve_pb2 as pb
+    from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 
     settings = predict.Settings(backbones=("resnet18",))
     reason = "the ONNX export of m:1 int8 float_nchw does not match PyTorch on 24 val images"

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from service.childproc import run_in_child
-from service.errors import Cancelled, NotFound, ResourceExhausted
+from tlserve.service.childproc import run_in_child
+from tlserve.service.errors import Cancelled, NotFound, ResourceExhausted
 
 
 def square(x: int) -> tuple[int, int]:
@@ -93,7 +93,7 @@ def test_the_child_dies_when_its_parent_is_killed(tmp_path):
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {os.getcwd()!r})
-        from service.childproc import run_in_child
+        from tlserve.service.childproc import run_in_child
         from tests.test_childproc import sleep_and_report
         run_in_child(sleep_and_report, {str(pid_file)!r}, what="sleeping")
     """)], cwd=os.getcwd())

@@ -10,7 +10,7 @@ import sys
 import grpc
 import pytest
 
-import client as tlclient
+import tlserve.client as tlclient
 
 TLSERVE = str(pathlib.Path(sys.executable).with_name("tlserve"))
 
@@ -109,7 +109,7 @@ def test_serve_help_lists_every_setting():
 
 
 def test_upload_finetune_watch_and_list_from_the_command_line(live_server, tmp_path):
-    from service.training.synthetic import TARGET_SHAPES, write_image_folder
+    from tlserve.service.training.synthetic import TARGET_SHAPES, write_image_folder
 
     folder = write_image_folder(tmp_path / "shapes", TARGET_SHAPES[:2], 6, size=32, seed=5)
     address = ("--address", live_server.address)

@@ -17,12 +17,12 @@ import zipfile
 import grpc
 import pytest
 
-import client
-from client import AsyncClient, Client, TLServeError, cli, parse_model_ref, pb
-from client.cli import commands as cli_commands
-from client.cli import parser as cli_parser
-from client.cli import render as cli_render
-from client import _common as c
+import tlserve.client as client
+from tlserve.client import AsyncClient, Client, TLServeError, cli, parse_model_ref, pb
+from tlserve.client.cli import commands as cli_commands
+from tlserve.client.cli import parser as cli_parser
+from tlserve.client.cli import render as cli_render
+from tlserve.client import _common as c
 
 SERVICE = pb.DESCRIPTOR.services_by_name["TLServe"]
 
@@ -55,8 +55,8 @@ def test_client_imports_no_heavy_dependencies():
     import sys
 
     code = (
-        "import sys, client, client.cli; "
-        "print(sorted(m for m in ('torch','numpy','PIL','prometheus_client','service') if m in sys.modules))"
+        "import sys, tlserve.client, tlserve.client.cli; "
+        "print(sorted(m for m in ('torch','numpy','PIL','prometheus_client','tlserve.service') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -220,7 +220,7 @@ def test_fine_tune_keywords_fill_the_request_and_training_options():
 def test_fine_tune_patience_zero_turns_early_stopping_off_rather_than_leaving_the_default():
     req = c.fine_tune_request(dataset="d", model_name="m", backbone="b", patience=0)
     assert req.training.HasField("early_stopping") and req.training.early_stopping.patience == 0
-    from service.training.config import TrainConfig
+    from tlserve.service.training.config import TrainConfig
 
     config = TrainConfig.from_request(req, num_classes=2, train_images_per_class=10, device_type="cpu")
     assert config.patience == 0
@@ -471,7 +471,7 @@ def test_serve_and_token_pass_the_rest_of_the_line_through():
 
 
 def test_serve_without_the_server_says_to_install_the_extra(monkeypatch, capsys):
-    monkeypatch.setitem(__import__("sys").modules, "service.__main__", None)  # import fails
+    monkeypatch.setitem(__import__("sys").modules, "tlserve.service.__main__", None)  # import fails
     assert cli.main(["serve", "--grpc-address", "127.0.0.1:0"]) == 2
     err = capsys.readouterr().err
     assert "tlserve[server]" in err and len(err.strip().splitlines()) == 1

@@ -30,13 +30,13 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-import client as tlclient
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import backbones
-from service.errors import FailedPrecondition, InvalidArgument
-from service.manifest import Manifest
-from service.profiling import compare
-from service.training import strategies
+import tlserve.client as tlclient
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import backbones
+from tlserve.service.errors import FailedPrecondition, InvalidArgument
+from tlserve.service.manifest import Manifest
+from tlserve.service.profiling import compare
+from tlserve.service.training import strategies
 from tests.serverproc import ServerProcess, serving
 
 COLOURS = {"blue": (50, 60, 210), "green": (40, 180, 60), "red": (200, 40, 40)}

@@ -6,8 +6,8 @@ import pathlib
 
 import pytest
 
-from service.config import Settings, split_address
-from service.errors import ConfigError
+from tlserve.service.config import Settings, split_address
+from tlserve.service.errors import ConfigError
 
 
 def test_defaults_put_everything_under_home(tmp_path):

@@ -17,16 +17,16 @@ import zipfile
 import pytest
 from PIL import Image, ImageFile
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import datasets as dsmod
-from service.datasets import archive
-from service.datasets import upload as upload_module
-from service.config import Settings
-from service.datasets import Datasets, split_sizes
-from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from service.manifest import Manifest
-from service.store.metadata import MetadataStore
-from service.training.synthetic import write_image_folder
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import datasets as dsmod
+from tlserve.service.datasets import archive
+from tlserve.service.datasets import upload as upload_module
+from tlserve.service.config import Settings
+from tlserve.service.datasets import Datasets, split_sizes
+from tlserve.service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from tlserve.service.manifest import Manifest
+from tlserve.service.store.metadata import MetadataStore
+from tlserve.service.training.synthetic import write_image_folder
 
 CLASSES = ("diamond", "star")
 W = pb.DatasetWarning

@@ -16,13 +16,13 @@ import zipfile
 import grpc
 import pytest
 
-import client as tlclient
-from service.config import Settings
-from service.datasets import MAX_EXPANSION_RATIO, Datasets, archive
-from service.datasets import upload as upload_module
-from service.errors import InvalidArgument
-from service.store.metadata import MetadataStore
-from service.training.synthetic import write_image_folder
+import tlserve.client as tlclient
+from tlserve.service.config import Settings
+from tlserve.service.datasets import MAX_EXPANSION_RATIO, Datasets, archive
+from tlserve.service.datasets import upload as upload_module
+from tlserve.service.errors import InvalidArgument
+from tlserve.service.store.metadata import MetadataStore
+from tlserve.service.training.synthetic import write_image_folder
 from tests.serverproc import ServerProcess
 from tests.test_datasets import CLASSES, W, png_bytes, upload
 
@@ -274,7 +274,7 @@ def test_a_thin_strip_in_a_dataset_is_skipped_like_an_undecodable_file(tmp_path)
 
     from PIL import Image
 
-    from service.datasets.ingest import check_image
+    from tlserve.service.datasets.ingest import check_image
 
     path = tmp_path / "strip.png"
     buffer = io.BytesIO()

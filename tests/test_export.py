@@ -21,17 +21,17 @@ import pytest
 import torch
 from PIL import Image
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import backbones
-from service.errors import FailedPrecondition, InvalidArgument, NotFound
-from service.export import onnx_export as ox
-from service.export.service import ExportService
-from service.manifest import Manifest
-from service.store.artifacts import ArtifactStore
-from service.store.metadata import MetadataStore
-from service.store.models import ModelStore, model_dir
-from service.variant import Variant
-from service.training.data import ImageDataset, eval_transform
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import backbones
+from tlserve.service.errors import FailedPrecondition, InvalidArgument, NotFound
+from tlserve.service.export import onnx_export as ox
+from tlserve.service.export.service import ExportService
+from tlserve.service.manifest import Manifest
+from tlserve.service.store.artifacts import ArtifactStore
+from tlserve.service.store.metadata import MetadataStore
+from tlserve.service.store.models import ModelStore, model_dir
+from tlserve.service.variant import Variant
+from tlserve.service.training.data import ImageDataset, eval_transform
 from tests.modelfactory import publish_copy, published_model
 
 
@@ -214,7 +214,7 @@ def test_int8_export_writes_nothing_outside_the_home(made, service, tmp_path, mo
     """ONNX Runtime's quantization tools write their own temporary graphs to the system's
     temp directory; the server sends them, and its own, to the home's scratch directory,
     which it empties at start (a crash mid-export leaves them only until then)."""
-    from service.server import _empty_scratch
+    from tlserve.service.server import _empty_scratch
 
     settings = made[0]
     system_tmp = tmp_path / "system-tmp"

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import client as tlclient
-from service.profiling.profile import MAX_ITERATIONS
-from service.store.artifacts import TEMP_PREFIX
+import tlserve.client as tlclient
+from tlserve.service.profiling.profile import MAX_ITERATIONS
+from tlserve.service.store.artifacts import TEMP_PREFIX
 from tests.modelfactory import published_model
 from tests.serverproc import ServerProcess
 
@@ -248,7 +248,7 @@ def test_sigterm_with_predictions_and_a_job_in_flight_drains_and_the_job_resumes
 
     import grpc
 
-    from client.tlserve.v1 import tlserve_pb2 as pb
+    from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 
     args = ("--data-root", str(model_home / "data"), "--grace-seconds", "5")
     server = ServerProcess(model_home, *args).start()

@@ -18,9 +18,9 @@ import pytest
 import torch
 import torchvision
 
-import client as tlclient
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.training.synthetic import TARGET_SHAPES, write_image_folder
+import tlserve.client as tlclient
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.training.synthetic import TARGET_SHAPES, write_image_folder
 from tests.serverproc import ServerProcess, serving
 
 BACKBONE = "mobilenet_v3_small"

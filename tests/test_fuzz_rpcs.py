@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from client.inference import grpc_service_pb2 as kpb
-from client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.client.inference import grpc_service_pb2 as kpb
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 from tests.modelfactory import published_model
 from tests.serverproc import ServerProcess
 

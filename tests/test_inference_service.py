@@ -18,17 +18,17 @@ import torch
 from PIL import Image
 from torch import nn
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import backbones, metrics
-from service.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from service.inference import cache
-from service.inference.service import InferenceService, _ModelRecord
-from service.inference.sessions import LanedSession
-from service.store.artifacts import ArtifactStore
-from service.store.metadata import MetadataStore
-from service.store.models import ModelStore, model_dir
-from service.variant import Variant
-from service.training.data import eval_transform
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import backbones, metrics
+from tlserve.service.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from tlserve.service.inference import cache
+from tlserve.service.inference.service import InferenceService, _ModelRecord
+from tlserve.service.inference.sessions import LanedSession
+from tlserve.service.store.artifacts import ArtifactStore
+from tlserve.service.store.metadata import MetadataStore
+from tlserve.service.store.models import ModelStore, model_dir
+from tlserve.service.variant import Variant
+from tlserve.service.training.data import eval_transform
 from tests.modelfactory import publish_copy, published_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based ONNX export")
@@ -376,7 +376,7 @@ def test_target_resolves_from_the_cached_record_and_reads_it_again_for_a_variant
 
 
 def test_the_latest_version_serves_and_a_newer_one_takes_over_within_the_latest_ttl(world, monkeypatch):
-    from service.inference import service as inference_service
+    from tlserve.service.inference import service as inference_service
 
     name = "shapes-latest"
     first = publish_copy(world.models, world.artifacts, world.model, name=name)

@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import backbones, images
-from service.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
-from service.inference import cache, preprocess
-from service.inference.batcher import DynamicBatcher
-from service.inference.postprocess import softmax, top_k
-from service.inference.service import concurrent_batches
-from service.inference.stats import ModelStatistics
-from service.variant import Variant
-from service.training.data import eval_transform
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import backbones, images
+from tlserve.service.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from tlserve.service.inference import cache, preprocess
+from tlserve.service.inference.batcher import DynamicBatcher
+from tlserve.service.inference.postprocess import softmax, top_k
+from tlserve.service.inference.service import concurrent_batches
+from tlserve.service.inference.stats import ModelStatistics
+from tlserve.service.variant import Variant
+from tlserve.service.training.data import eval_transform
 
 # -- the batcher ----------------------------------------------------------------------
 
@@ -139,9 +139,9 @@ def test_one_batch_computes_at_a_time_on_the_cpu_and_two_on_a_gpu():
 
 
 def test_cpu_lanes_default_to_one_per_intra_op_thread(monkeypatch):
-    from service import hardware
-    from service.config import Settings
-    from service.inference.sessions import cpu_lanes
+    from tlserve.service import hardware
+    from tlserve.service.config import Settings
+    from tlserve.service.inference.sessions import cpu_lanes
 
     monkeypatch.setattr(hardware, "physical_cores", lambda: 6)
     assert cpu_lanes(Settings()) == 6  # ONNX Runtime's default threads: the physical cores
@@ -153,7 +153,7 @@ def test_cpu_lanes_default_to_one_per_intra_op_thread(monkeypatch):
 def test_physical_cores_is_at_least_one_and_at_most_the_cpus_this_process_may_use():
     import os
 
-    from service import hardware
+    from tlserve.service import hardware
 
     assert 1 <= hardware.physical_cores() <= len(os.sched_getaffinity(0))
 
@@ -861,7 +861,7 @@ def _force_spinning_stop(session) -> str:
 
 
 def test_a_cpu_session_with_short_runs_stops_spinning_between_runs(tmp_path):
-    from service.inference import sessions
+    from tlserve.service.inference import sessions
 
     _tiny_onnx(tmp_path / "tiny.onnx")
     session = sessions.open_onnx_session(tmp_path / "tiny.onnx", warm_batch=4, fill_size=4,
@@ -872,7 +872,7 @@ def test_a_cpu_session_with_short_runs_stops_spinning_between_runs(tmp_path):
 
 
 def test_a_cpu_session_with_long_runs_keeps_onnx_runtimes_spinning(tmp_path, monkeypatch):
-    from service.inference import sessions
+    from tlserve.service.inference import sessions
 
     _tiny_onnx(tmp_path / "tiny.onnx")
     monkeypatch.setattr(sessions, "SPIN_MIN_RUN_SECONDS", 0.0)  # every run counts as long
@@ -884,7 +884,7 @@ def test_a_cpu_session_with_long_runs_keeps_onnx_runtimes_spinning(tmp_path, mon
 
 
 def test_with_lanes_a_cpu_model_opens_a_single_threaded_session_beside_the_wide_one(tmp_path):
-    from service.inference import sessions
+    from tlserve.service.inference import sessions
 
     _tiny_onnx(tmp_path / "tiny.onnx")
     session = sessions.open_onnx_session(tmp_path / "tiny.onnx", warm_batch=4, fill_size=4, lanes=2,
@@ -923,7 +923,7 @@ def test_providers_come_in_order_and_count_only_with_a_gpu_and_tensorrts_runtime
                                                                                    expected):
     import onnxruntime
 
-    from service import hardware
+    from tlserve.service import hardware
 
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: list(ALL_PROVIDERS))
     monkeypatch.setattr(hardware, "gpu_count", lambda: gpus)
@@ -940,7 +940,7 @@ def test_providers_come_in_order_and_count_only_with_a_gpu_and_tensorrts_runtime
 
 
 def test_provider_options_give_tensorrt_a_batch_profile_and_an_engine_cache_and_cuda_a_growing_arena(tmp_path):
-    from service.inference.sessions import provider_options
+    from tlserve.service.inference.sessions import provider_options
 
     cache_dir = tmp_path / "cache" / "tensorrt"
     options = provider_options(("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
@@ -964,7 +964,7 @@ def test_provider_options_give_tensorrt_a_batch_profile_and_an_engine_cache_and_
 def test_an_onnx_session_passes_its_threads_and_providers_to_onnx_runtime(tmp_path, monkeypatch):
     import onnxruntime
 
-    from service.inference import sessions
+    from tlserve.service.inference import sessions
 
     _tiny_onnx(tmp_path / "tiny.onnx")
     made = []

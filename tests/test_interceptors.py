@@ -13,10 +13,10 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from service import errors
-from service.logs import RequestIdFilter
-from service.api.interceptors import STATUS_BY_ERROR, ErrorInterceptor, ObserveInterceptor
-from service.metrics import GrpcMetrics
+from tlserve.service import errors
+from tlserve.service.logs import RequestIdFilter
+from tlserve.service.api.interceptors import STATUS_BY_ERROR, ErrorInterceptor, ObserveInterceptor
+from tlserve.service.metrics import GrpcMetrics
 
 SERVICE = "test.Echo"
 
@@ -82,8 +82,8 @@ def test_each_domain_error_maps_to_its_status_with_its_message(error):
 
 
 def test_subclasses_inherit_their_base_status():
-    from service.backbones import UnknownBackbone, WeightsNotCached
-    from service.api.interceptors import status_for
+    from tlserve.service.backbones import UnknownBackbone, WeightsNotCached
+    from tlserve.service.api.interceptors import status_for
 
     assert status_for(UnknownBackbone("x")) == grpc.StatusCode.INVALID_ARGUMENT
     assert status_for(WeightsNotCached("x")) == grpc.StatusCode.FAILED_PRECONDITION
@@ -141,7 +141,7 @@ def test_request_id_from_the_caller_is_echoed_only_when_plain(given, echoed):
 def test_a_full_disk_or_a_missing_permission_is_said_so_and_other_os_errors_stay_internal():
     import errno as errnos
 
-    from service.api.interceptors import _environment_status
+    from tlserve.service.api.interceptors import _environment_status
 
     code, message = _environment_status(OSError(errnos.ENOSPC, "No space left on device"), "tlserve.v1.TLServe/ExportModel")
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and message.startswith("ExportModel: the server's disk is full")

@@ -19,14 +19,14 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.config import Settings
-from service.jobs import runner as runner_module
-from service.jobs.runner import JobRunner
-from service.jobs.service import JobService
-from service.store import MetadataStore
-from service.store.jobs import JobStore
-from service.training import checkpoint
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.config import Settings
+from tlserve.service.jobs import runner as runner_module
+from tlserve.service.jobs.runner import JobRunner
+from tlserve.service.jobs.service import JobService
+from tlserve.service.store import MetadataStore
+from tlserve.service.store.jobs import JobStore
+from tlserve.service.training import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -34,9 +34,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 STAND_IN_WORKER = """
 import sys
 sys.path.insert(0, {root!r})
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.store import MetadataStore
-from service.store.jobs import JobStore
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.store import MetadataStore
+from tlserve.service.store.jobs import JobStore
 JobStore(MetadataStore({database!r})).transition({job_id!r}, pb.JOB_STATE_RUNNING)
 sys.exit({code})
 """
@@ -271,7 +271,7 @@ def test_a_runner_stopped_on_purpose_does_not_call_on_dead(settings, jobs):
 
 
 def test_server_health_turns_not_serving_when_its_job_runner_dies(tmp_path, monkeypatch):
-    from service.server import TLSERVE_SERVICE, create_server
+    from tlserve.service.server import TLSERVE_SERVICE, create_server
 
     settings = Settings.load(
         ["--home", str(tmp_path / "home"), "--grpc-address", "127.0.0.1:0", "--metrics-address", "127.0.0.1:0"],

@@ -6,11 +6,11 @@ import threading
 
 import pytest
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.errors import InvalidArgument, NotFound
-from service.store import ArtifactStore, MetadataStore
-from service.store.jobs import JobStore
-from service.store.models import ModelStore, model_dir
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.errors import InvalidArgument, NotFound
+from tlserve.service.store import ArtifactStore, MetadataStore
+from tlserve.service.store.jobs import JobStore
+from tlserve.service.store.models import ModelStore, model_dir
 
 
 @pytest.fixture
@@ -158,7 +158,7 @@ def test_delete_needs_a_version_or_all_versions_and_removes_files(models, tmp_pa
 def test_a_page_of_jobs_ends_before_it_would_pass_what_a_default_client_receives(jobs):
     """Labels at their limits make a job about 20 KB: 300 of them in one page of 1,000
     would be 6 MB, over the 4 MB a default gRPC client accepts."""
-    from service.store import paging
+    from tlserve.service.store import paging
 
     labels = {f"team.example/k{i:02d}": "v" * 256 for i in range(64)}
     for _ in range(300):
@@ -175,7 +175,7 @@ def test_a_page_of_jobs_ends_before_it_would_pass_what_a_default_client_receives
 
 
 def test_fit_keeps_at_least_one_item_and_stops_at_the_budget():
-    from service.store.paging import fit
+    from tlserve.service.store.paging import fit
 
     assert fit([5, 5, 5], lambda n: n, budget=10) == 2
     assert fit([50], lambda n: n, budget=10) == 1

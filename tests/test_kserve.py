@@ -21,8 +21,8 @@ import grpc
 import numpy as np
 import pytest
 
-import client as tlclient
-from client.tlserve.v1 import tlserve_pb2 as pb
+import tlserve.client as tlclient
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 from tests.modelfactory import published_model
 from tests.serverproc import ServerProcess, serving
 from tests.test_kserve_unit import tritonclient_grpc

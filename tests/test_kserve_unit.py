@@ -20,12 +20,12 @@ import types
 import numpy as np
 import pytest
 
-from client.inference import grpc_service_pb2 as kpb
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.api import kserve
-from service.errors import FailedPrecondition, InvalidArgument, NotFound
-from service.inference.stats import BatchStats, Duration, ModelStatistics
-from service.variant import LAYOUTS, Variant
+from tlserve.client.inference import grpc_service_pb2 as kpb
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.api import kserve
+from tlserve.service.errors import FailedPrecondition, InvalidArgument, NotFound
+from tlserve.service.inference.stats import BatchStats, Duration, ModelStatistics
+from tlserve.service.variant import LAYOUTS, Variant
 
 V = Variant.parse
 

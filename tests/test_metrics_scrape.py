@@ -21,9 +21,9 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import client as tlclient
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.manifest import Manifest
+import tlserve.client as tlclient
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.manifest import Manifest
 from tests.modelfactory import published_model
 from tests.serverproc import ServerProcess, serving
 from tests.test_metrics_units import catalogue, system_tool

@@ -22,14 +22,14 @@ import pytest
 from google.protobuf import timestamp_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import metrics
-from service.metrics import gpu as metrics_gpu
-from service.metrics import store as metrics_store
-from service.store import ArtifactStore, MetadataStore
-from service.store.jobs import JobStore
-from service.store.models import ModelStore
-from service.variant import Variant
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import metrics
+from tlserve.service.metrics import gpu as metrics_gpu
+from tlserve.service.metrics import store as metrics_store
+from tlserve.service.store import ArtifactStore, MetadataStore
+from tlserve.service.store.jobs import JobStore
+from tlserve.service.store.models import ModelStore
+from tlserve.service.variant import Variant
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

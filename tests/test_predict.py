@@ -21,10 +21,10 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-import client as tlclient
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.manifest import Manifest
-from service.server import CORE_RECEIVE_CAP_FACTOR
+import tlserve.client as tlclient
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.manifest import Manifest
+from tlserve.service.server import CORE_RECEIVE_CAP_FACTOR
 from tests.modelfactory import published_model
 from tests.serverproc import serving
 

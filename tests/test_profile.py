@@ -11,9 +11,9 @@ from __future__ import annotations
 import grpc
 import pytest
 
-import client as tlclient
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.manifest import Manifest
+import tlserve.client as tlclient
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.manifest import Manifest
 from tests.modelfactory import published_model
 from tests.serverproc import serving
 
@@ -139,10 +139,10 @@ def test_bad_requests_are_refused_and_nothing_is_stored(tl, exported, kwargs, co
 
 
 def test_a_measurement_of_a_version_deleted_meanwhile_is_dropped(tl, made):
-    from service.store.artifacts import ArtifactStore
-    from service.store.metadata import MetadataStore
-    from service.store.models import ModelStore
-    from service.variant import Variant
+    from tlserve.service.store.artifacts import ArtifactStore
+    from tlserve.service.store.metadata import MetadataStore
+    from tlserve.service.store.models import ModelStore
+    from tlserve.service.variant import Variant
 
     _, settings, _ = made
     store = ModelStore(MetadataStore(settings.database_path), ArtifactStore(settings.artifacts_dir))

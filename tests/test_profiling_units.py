@@ -7,12 +7,12 @@ import time
 import numpy as np
 import pytest
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.profiling import measure
-from service.store.artifacts import ArtifactStore
-from service.store.metadata import MetadataStore
-from service.store.models import ModelStore
-from service.variant import Variant
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.profiling import measure
+from tlserve.service.store.artifacts import ArtifactStore
+from tlserve.service.store.metadata import MetadataStore
+from tlserve.service.store.models import ModelStore
+from tlserve.service.variant import Variant
 
 
 def test_percentiles_interpolate_between_ranks_like_numpy():
@@ -50,7 +50,7 @@ def test_time_calls_runs_warmup_untimed_then_times_each_call():
 _PEAK_SCRIPT = """
 import sys, time
 import numpy as np
-from service.profiling import measure
+from tlserve.service.profiling import measure
 if sys.argv[1] == "sampled":
     measure._reset_peak = lambda: False
 with measure.PeakMemory() as peak:

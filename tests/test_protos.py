@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def test_checked_in_modules_match_a_fresh_generation(tmp_path):
 
 
 def test_generated_modules_import_without_path_tricks():
-    code = "from client.tlserve.v1 import tlserve_pb2, tlserve_pb2_grpc; print(tlserve_pb2_grpc.TLServeStub.__name__)"
+    code = "from tlserve.client.tlserve.v1 import tlserve_pb2, tlserve_pb2_grpc; print(tlserve_pb2_grpc.TLServeStub.__name__)"
     result = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd="/")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "TLServeStub"

@@ -13,14 +13,14 @@ import grpc
 import pytest
 from PIL import Image
 
-import client as tlclient
-from client.tlserve.v1 import tlserve_pb2 as pb
+import tlserve.client as tlclient
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 from tests.serverproc import ServerProcess
 
 
 def start_second(home, tmp_path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "service", "--home", str(home), "--grpc-address", "127.0.0.1:0",
+        [sys.executable, "-m", "tlserve.service", "--home", str(home), "--grpc-address", "127.0.0.1:0",
          "--metrics-address", "127.0.0.1:0", "--ready-file", str(tmp_path / "second.ready.json")],
         capture_output=True, text=True, timeout=120,
     )
@@ -95,7 +95,7 @@ def test_an_overlong_idempotency_key_is_refused(tl):
 
 def test_list_jobs_with_a_state_that_does_not_exist_is_invalid(server):
     with grpc.insecure_channel(server.address) as channel:
-        from client.tlserve.v1 import tlserve_pb2_grpc
+        from tlserve.client.tlserve.v1 import tlserve_pb2_grpc
 
         stub = tlserve_pb2_grpc.TLServeStub(channel)
         with pytest.raises(grpc.RpcError) as e:

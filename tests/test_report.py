@@ -15,11 +15,11 @@ import sys
 
 import pytest
 
-from client import cli, pb
-from client.cli import commands as cli_commands
-from client.cli import parser as cli_parser
-from client.cli import render as cli_render
-from client import report as r
+from tlserve.client import cli, pb
+from tlserve.client.cli import commands as cli_commands
+from tlserve.client.cli import parser as cli_parser
+from tlserve.client.cli import render as cli_render
+from tlserve.client import report as r
 
 MIB = 1024 * 1024
 

@@ -14,9 +14,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from client.tlserve.v1 import tlserve_pb2_grpc
-from service.api.servicer import TLServeServicer
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.client.tlserve.v1 import tlserve_pb2_grpc
+from tlserve.service.api.servicer import TLServeServicer
 
 TLSERVE = "tlserve.v1.TLServe"
 
@@ -106,7 +106,7 @@ def test_list_backbones_filters_by_family(stub):
 
 def test_every_tlserve_rpc_is_implemented():
     """No RPC falls back to the generated base class, which answers UNIMPLEMENTED."""
-    from client.tlserve.v1 import tlserve_pb2_grpc
+    from tlserve.client.tlserve.v1 import tlserve_pb2_grpc
 
     methods = pb.DESCRIPTOR.services_by_name["TLServe"].methods_by_name
     assert len(methods) >= 21
@@ -190,7 +190,7 @@ def test_new_calls_are_refused_while_draining(server_factory):
 
 def _serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "service", "--metrics-address", "127.0.0.1:0", *args],
+        [sys.executable, "-m", "tlserve.service", "--metrics-address", "127.0.0.1:0", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -212,7 +212,7 @@ def test_malformed_address_is_one_clear_line(tmp_path):
 
 def test_address_from_environment_is_validated_too(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "service", "--home", str(tmp_path)],
+        [sys.executable, "-m", "tlserve.service", "--home", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -7,9 +7,9 @@ import sqlite3
 
 import pytest
 
-from service.errors import FailedPrecondition, InvalidArgument, NotFound
-from service.store import MIGRATIONS, ArtifactStore, MetadataStore
-from service.store.artifacts import TEMP_PREFIX
+from tlserve.service.errors import FailedPrecondition, InvalidArgument, NotFound
+from tlserve.service.store import MIGRATIONS, ArtifactStore, MetadataStore
+from tlserve.service.store.artifacts import TEMP_PREFIX
 
 
 def test_new_database_is_migrated_to_the_latest_version_in_wal_mode(tmp_path):

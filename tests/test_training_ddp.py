@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["-m", "service.training.selfcheck", "--strategy", "FEATURE_EXTRACTION", "--no-cache", "--no-augment",
+ARGS = ["-m", "tlserve.service.training.selfcheck", "--strategy", "FEATURE_EXTRACTION", "--no-cache", "--no-augment",
         "--epochs", "3", "--batch-size", "24", "--lr", "0.03", "--quiet"]
 
 

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import backbones
-from service.errors import Cancelled
-from service.training import checkpoint, engine, protocol, strategies
-from service.training.features import extract_features
-from service.training.config import TrainConfig
-from service.training.selfcheck import synthetic_manifest
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import backbones
+from tlserve.service.errors import Cancelled
+from tlserve.service.training import checkpoint, engine, protocol, strategies
+from tlserve.service.training.features import extract_features
+from tlserve.service.training.config import TrainConfig
+from tlserve.service.training.selfcheck import synthetic_manifest
 
 NONE = backbones.WeightsChoice(kind="none")
 CHANCE = 1 / 3
@@ -198,7 +198,7 @@ def test_prototype_head_is_the_nearest_class_mean_of_frozen_features(shapes, tmp
     built.model.load_state_dict(result.state_dict)
     start = initial_state(config)
     assert all(torch.equal(v, start[k]) for k, v in result.state_dict.items() if k.startswith("trunk."))
-    from service.training import data
+    from tlserve.service.training import data
 
     loader = data.make_loader(data.ImageDataset(shapes.samples("train"), data.eval_transform(result.preprocessing)), 8,
                               shuffle=False, device=torch.device("cpu"))

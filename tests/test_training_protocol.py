@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.manifest import Manifest
-from service.training import protocol
-from service.training.config import PATIENCE
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.manifest import Manifest
+from tlserve.service.training import protocol
+from tlserve.service.training.config import PATIENCE
 
 
 def manifest(train: int, val: int, *, made: tuple[str, ...] = (), classes: int = 2) -> Manifest:

@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import backbones
-from service.errors import InvalidArgument
-from service.training import checkpoint, optim, strategies
-from service.training.config import TrainConfig
-from service.training.metrics import report_from_predictions
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import backbones
+from tlserve.service.errors import InvalidArgument
+from tlserve.service.training import checkpoint, optim, strategies
+from tlserve.service.training.config import TrainConfig
+from tlserve.service.training.metrics import report_from_predictions
 
 
 def _logits_for(predictions: list[int], num_classes: int) -> torch.Tensor:
@@ -376,8 +376,8 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
 
 def test_training_from_scratch_uses_one_rate_for_every_layer():
-    from client.tlserve.v1 import tlserve_pb2 as pb
-    from service.training.config import TrainConfig
+    from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+    from tlserve.service.training.config import TrainConfig
 
     scratch = pb.WeightsSource(scratch=pb.WeightsSource.Scratch())
     kw = dict(num_classes=3, train_images_per_class=10, device_type="cpu")
@@ -394,8 +394,8 @@ def test_training_from_scratch_uses_one_rate_for_every_layer():
 
 
 def test_auto_from_scratch_trains_everything_without_probing():
-    from client.tlserve.v1 import tlserve_pb2 as pb
-    from service.training import strategies
+    from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+    from tlserve.service.training import strategies
 
     decision = strategies.from_scratch(12.0, 4, 5)
     assert decision.strategy == pb.STRATEGY_FULL and decision.trainable_groups == 5
@@ -406,7 +406,7 @@ def test_a_last_batch_of_one_image_is_dropped_only_when_it_would_occur():
     import torch
     from torch.utils.data import TensorDataset
 
-    from service.training.data import make_loader
+    from tlserve.service.training.data import make_loader
 
     cpu = torch.device("cpu")
     nine = TensorDataset(torch.arange(9))
@@ -420,7 +420,7 @@ def test_a_last_batch_of_one_image_is_dropped_only_when_it_would_occur():
 
 
 def test_loader_workers_decode_only_for_a_gpu_and_only_for_large_splits():
-    from service.training.data import MAX_WORKERS, PARALLEL_DECODE_MIN_IMAGES, worker_count
+    from tlserve.service.training.data import MAX_WORKERS, PARALLEL_DECODE_MIN_IMAGES, worker_count
 
     big = PARALLEL_DECODE_MIN_IMAGES
     assert worker_count(10_000, "cpu", cpus=16) == 0  # the CPU's cores are the model's
@@ -437,7 +437,7 @@ def test_loader_workers_decode_only_for_a_gpu_and_only_for_large_splits():
 def test_training_crops_show_the_scale_and_field_the_eval_view_shows():
     from PIL import Image
 
-    from service.training import data
+    from tlserve.service.training import data
 
     # 256 px resized, 224 px kept by eval: paint the band eval crops away red, the rest green.
     pre = backbones.Preprocessing(resize_size=256, crop_size=224, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
@@ -463,7 +463,7 @@ def test_training_opens_only_the_formats_ingestion_allows(tmp_path):
     Ghostscript), is not parsed by training: the same four decoders as ingestion."""
     from PIL import Image, UnidentifiedImageError
 
-    from service.training.data import ImageDataset
+    from tlserve.service.training.data import ImageDataset
 
     path = tmp_path / "x.png"
     Image.new("RGB", (8, 8)).save(path, "GIF")

@@ -7,8 +7,8 @@ import pickle
 
 import pytest
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.variant import LAYOUTS, PRECISIONS, Variant
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.variant import LAYOUTS, PRECISIONS, Variant
 
 
 def test_keys_and_file_names():

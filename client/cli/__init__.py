@@ -21,9 +21,9 @@ from collections.abc import Sequence
 
 import grpc
 
-from client._client import Client
-from client._common import TLS, TLServeError
-from client.cli.parser import build_parser
+from tlserve.client._client import Client
+from tlserve.client._common import TLS, TLServeError
+from tlserve.client.cli.parser import build_parser
 
 # --- main ----------------------------------------------------------------------------
 
@@ -53,7 +53,7 @@ def _split_passthrough(argv: list[str], commands: Sequence[str] = PASSTHROUGH) -
 
 def serve(server_args: list[str]) -> int:
     try:
-        from service.__main__ import main as serve_main
+        from tlserve.service.__main__ import main as serve_main
     except ImportError as err:
         print(f"tlserve: error: the server is not installed ({err}); install tlserve[server]", file=sys.stderr)
         return 2
@@ -64,7 +64,7 @@ def make_token(token_args: list[str]) -> int:
     """`tlserve token NAME ROLES`: the server's own token maker, so the line it prints
     is one the server will read (imported only then, like `serve`)."""
     try:
-        from service.auth import main as token_main
+        from tlserve.service.auth import main as token_main
     except ImportError as err:
         print(f"tlserve: error: the server is not installed ({err}); install tlserve[server]", file=sys.stderr)
         return 2

@@ -10,10 +10,10 @@ import os
 import sys
 from typing import Any
 
-from client import report
-from client._client import Client
-from client._common import enum_label, format_model_ref
-from client.cli.render import (
+from tlserve.client import report
+from tlserve.client._client import Client
+from tlserve.client._common import enum_label, format_model_ref
+from tlserve.client.cli.render import (
     Progress,
     all_pages,
     dataset_text,
@@ -33,7 +33,7 @@ from client.cli.render import (
     timestamp,
     to_dict,
 )
-from client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 
 # --- Subcommands ---------------------------------------------------------------------
 # Each takes (client, args) and returns the exit status.

@@ -9,8 +9,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from client._common import enum_choices, parse_model_ref, parse_weights
-from client.cli.commands import (
+from tlserve.client._common import enum_choices, parse_model_ref, parse_weights
+from tlserve.client.cli.commands import (
     cmd_backbones,
     cmd_cancel,
     cmd_datasets_delete,
@@ -32,8 +32,8 @@ from client.cli.commands import (
     cmd_report,
     cmd_watch,
 )
-from client.cli.render import DEFAULT_ADDRESS
-from client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.client.cli.render import DEFAULT_ADDRESS
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 
 # --- Parser --------------------------------------------------------------------------
 

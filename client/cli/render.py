@@ -17,9 +17,9 @@ from typing import Any, TextIO
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from client import report
-from client._common import enum_label, format_model_ref
-from client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.client import report
+from tlserve.client._common import enum_label, format_model_ref
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 # Export (ONNX + parity check, INT8 calibration) and profiling do real work on

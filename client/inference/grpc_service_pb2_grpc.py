@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from client.inference import grpc_service_pb2 as client_dot_inference_dot_grpc__service__pb2
+from tlserve.client.inference import grpc_service_pb2 as tlserve_dot_client_dot_inference_dot_grpc__service__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in client/inference/grpc_service_pb2_grpc.py depends on'
+        + ' but the generated code in tlserve/client/inference/grpc_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,48 +37,48 @@ class GRPCInferenceServiceStub:
         """
         self.ServerLive = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerLive',
-                request_serializer=client_dot_inference_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
-                response_deserializer=client_dot_inference_dot_grpc__service__pb2.ServerLiveResponse.FromString,
+                request_serializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ServerLiveResponse.FromString,
                 _registered_method=True)
         self.ServerReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerReady',
-                request_serializer=client_dot_inference_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
-                response_deserializer=client_dot_inference_dot_grpc__service__pb2.ServerReadyResponse.FromString,
+                request_serializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ServerReadyResponse.FromString,
                 _registered_method=True)
         self.ModelReady = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelReady',
-                request_serializer=client_dot_inference_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
-                response_deserializer=client_dot_inference_dot_grpc__service__pb2.ModelReadyResponse.FromString,
+                request_serializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelReadyResponse.FromString,
                 _registered_method=True)
         self.ServerMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ServerMetadata',
-                request_serializer=client_dot_inference_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
-                response_deserializer=client_dot_inference_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
+                request_serializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelMetadata = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelMetadata',
-                request_serializer=client_dot_inference_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
-                response_deserializer=client_dot_inference_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
+                request_serializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
                 _registered_method=True)
         self.ModelInfer = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelInfer',
-                request_serializer=client_dot_inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=client_dot_inference_dot_grpc__service__pb2.ModelInferResponse.FromString,
+                request_serializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
         self.ModelStreamInfer = channel.stream_stream(
                 '/inference.GRPCInferenceService/ModelStreamInfer',
-                request_serializer=client_dot_inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-                response_deserializer=client_dot_inference_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
+                request_serializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
                 _registered_method=True)
         self.ModelConfig = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelConfig',
-                request_serializer=client_dot_inference_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
-                response_deserializer=client_dot_inference_dot_grpc__service__pb2.ModelConfigResponse.FromString,
+                request_serializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelConfigResponse.FromString,
                 _registered_method=True)
         self.ModelStatistics = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelStatistics',
-                request_serializer=client_dot_inference_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
-                response_deserializer=client_dot_inference_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
+                request_serializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
                 _registered_method=True)
 
 
@@ -152,48 +152,48 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'ServerLive': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerLive,
-                    request_deserializer=client_dot_inference_dot_grpc__service__pb2.ServerLiveRequest.FromString,
-                    response_serializer=client_dot_inference_dot_grpc__service__pb2.ServerLiveResponse.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ServerLiveRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ServerLiveResponse.SerializeToString,
             ),
             'ServerReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerReady,
-                    request_deserializer=client_dot_inference_dot_grpc__service__pb2.ServerReadyRequest.FromString,
-                    response_serializer=client_dot_inference_dot_grpc__service__pb2.ServerReadyResponse.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ServerReadyRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ServerReadyResponse.SerializeToString,
             ),
             'ModelReady': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelReady,
-                    request_deserializer=client_dot_inference_dot_grpc__service__pb2.ModelReadyRequest.FromString,
-                    response_serializer=client_dot_inference_dot_grpc__service__pb2.ModelReadyResponse.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelReadyRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelReadyResponse.SerializeToString,
             ),
             'ServerMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ServerMetadata,
-                    request_deserializer=client_dot_inference_dot_grpc__service__pb2.ServerMetadataRequest.FromString,
-                    response_serializer=client_dot_inference_dot_grpc__service__pb2.ServerMetadataResponse.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ServerMetadataRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ServerMetadataResponse.SerializeToString,
             ),
             'ModelMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelMetadata,
-                    request_deserializer=client_dot_inference_dot_grpc__service__pb2.ModelMetadataRequest.FromString,
-                    response_serializer=client_dot_inference_dot_grpc__service__pb2.ModelMetadataResponse.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelMetadataRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelMetadataResponse.SerializeToString,
             ),
             'ModelInfer': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelInfer,
-                    request_deserializer=client_dot_inference_dot_grpc__service__pb2.ModelInferRequest.FromString,
-                    response_serializer=client_dot_inference_dot_grpc__service__pb2.ModelInferResponse.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelInferRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelInferResponse.SerializeToString,
             ),
             'ModelStreamInfer': grpc.stream_stream_rpc_method_handler(
                     servicer.ModelStreamInfer,
-                    request_deserializer=client_dot_inference_dot_grpc__service__pb2.ModelInferRequest.FromString,
-                    response_serializer=client_dot_inference_dot_grpc__service__pb2.ModelStreamInferResponse.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelInferRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelStreamInferResponse.SerializeToString,
             ),
             'ModelConfig': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelConfig,
-                    request_deserializer=client_dot_inference_dot_grpc__service__pb2.ModelConfigRequest.FromString,
-                    response_serializer=client_dot_inference_dot_grpc__service__pb2.ModelConfigResponse.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelConfigRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelConfigResponse.SerializeToString,
             ),
             'ModelStatistics': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelStatistics,
-                    request_deserializer=client_dot_inference_dot_grpc__service__pb2.ModelStatisticsRequest.FromString,
-                    response_serializer=client_dot_inference_dot_grpc__service__pb2.ModelStatisticsResponse.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelStatisticsRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelStatisticsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,8 +222,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerLive',
-            client_dot_inference_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
-            client_dot_inference_dot_grpc__service__pb2.ServerLiveResponse.FromString,
+            tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ServerLiveRequest.SerializeToString,
+            tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ServerLiveResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -249,8 +249,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerReady',
-            client_dot_inference_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
-            client_dot_inference_dot_grpc__service__pb2.ServerReadyResponse.FromString,
+            tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ServerReadyRequest.SerializeToString,
+            tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ServerReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -276,8 +276,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelReady',
-            client_dot_inference_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
-            client_dot_inference_dot_grpc__service__pb2.ModelReadyResponse.FromString,
+            tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelReadyRequest.SerializeToString,
+            tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelReadyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -303,8 +303,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ServerMetadata',
-            client_dot_inference_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
-            client_dot_inference_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
+            tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ServerMetadataRequest.SerializeToString,
+            tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ServerMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -330,8 +330,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelMetadata',
-            client_dot_inference_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
-            client_dot_inference_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
+            tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelMetadataRequest.SerializeToString,
+            tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -357,8 +357,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelInfer',
-            client_dot_inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-            client_dot_inference_dot_grpc__service__pb2.ModelInferResponse.FromString,
+            tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+            tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -384,8 +384,8 @@ class GRPCInferenceService:
             request_iterator,
             target,
             '/inference.GRPCInferenceService/ModelStreamInfer',
-            client_dot_inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
-            client_dot_inference_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
+            tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelInferRequest.SerializeToString,
+            tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelStreamInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -411,8 +411,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelConfig',
-            client_dot_inference_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
-            client_dot_inference_dot_grpc__service__pb2.ModelConfigResponse.FromString,
+            tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelConfigRequest.SerializeToString,
+            tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -438,8 +438,8 @@ class GRPCInferenceService:
             request,
             target,
             '/inference.GRPCInferenceService/ModelStatistics',
-            client_dot_inference_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
-            client_dot_inference_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
+            tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelStatisticsRequest.SerializeToString,
+            tlserve_dot_client_dot_inference_dot_grpc__service__pb2.ModelStatisticsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,15 +20,15 @@ never pyplot's global state, so reports can be drawn from several threads.
 
 from __future__ import annotations
 
-from client.report.chart import (  # noqa: F401 - the package's API
+from tlserve.client.report.chart import (  # noqa: F401 - the package's API
     render_png,
 )
-from client.report.page import (  # noqa: F401 - the package's API
+from tlserve.client.report.page import (  # noqa: F401 - the package's API
     ReportFiles,
     render_html,
     write_report,
 )
-from client.report.points import (  # noqa: F401 - the package's API
+from tlserve.client.report.points import (  # noqa: F401 - the package's API
     BACKBONE,
     HTML_NAME,
     INSTALL_HINT,
@@ -44,7 +44,7 @@ from client.report.points import (  # noqa: F401 - the package's API
     points_from_profile,
     variant_label,
 )
-from client.report.budget import (  # noqa: F401 - the package's API
+from tlserve.client.report.budget import (  # noqa: F401 - the package's API
     TABLE_HEADERS,
     Budget,
     Recommendation,

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from client.report.points import _MAX_NAMED, BACKBONE, MODEL, Point, front_members
+from tlserve.client.report.points import _MAX_NAMED, BACKBONE, MODEL, Point, front_members
 
 # --- Formatting -------------------------------------------------------------------
 

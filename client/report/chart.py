@@ -8,8 +8,8 @@ import os
 from collections.abc import Sequence
 from typing import Any, BinaryIO
 
-from client.report.points import BACKBONE, INSTALL_HINT, MODEL, ChartUnavailable, Point, _plottable, fronts
-from client.report.budget import Budget, format_bytes, format_ms
+from tlserve.client.report.points import BACKBONE, INSTALL_HINT, MODEL, ChartUnavailable, Point, _plottable, fronts
+from tlserve.client.report.budget import Budget, format_bytes, format_ms
 
 # --- Chart ------------------------------------------------------------------------
 

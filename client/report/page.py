@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from client.report.chart import _matplotlib, render_png
-from client.report.points import HTML_NAME, PNG_NAME, Point, front_members
-from client.report.budget import TABLE_HEADERS, Budget, Recommendation, default_notes, table_rows
+from tlserve.client.report.chart import _matplotlib, render_png
+from tlserve.client.report.points import HTML_NAME, PNG_NAME, Point, front_members
+from tlserve.client.report.budget import TABLE_HEADERS, Budget, Recommendation, default_notes, table_rows
 
 # --- Page -------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 
 MODEL = "model"
 BACKBONE = "backbone"

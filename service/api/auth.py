@@ -16,7 +16,7 @@ import logging
 
 import grpc
 
-from service.auth import Principal, Role, TokenTable, bearer_token
+from tlserve.service.auth import Principal, Role, TokenTable, bearer_token
 
 log = logging.getLogger("tlserve.auth")
 

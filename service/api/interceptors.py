@@ -39,8 +39,8 @@ from typing import Any
 
 import grpc
 
-from service import errors, logs
-from service.metrics import BoundGrpcMetrics, GrpcMetrics
+from tlserve.service import errors, logs
+from tlserve.service.metrics import BoundGrpcMetrics, GrpcMetrics
 
 log = logging.getLogger("tlserve.rpc")
 

@@ -34,18 +34,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from client.inference import grpc_service_pb2 as kpb
-from client.inference import grpc_service_pb2_grpc
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.api.streams import call_deadline, ordered_replies
-from service.errors import FailedPrecondition, InvalidArgument, NotFound, TLServeError
-from service.inference.sessions import runs_on_cpu
-from service.store import paging
-from service.store.models import ModelStore
-from service.variant import Variant
+from tlserve.client.inference import grpc_service_pb2 as kpb
+from tlserve.client.inference import grpc_service_pb2_grpc
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.api.streams import call_deadline, ordered_replies
+from tlserve.service.errors import FailedPrecondition, InvalidArgument, NotFound, TLServeError
+from tlserve.service.inference.sessions import runs_on_cpu
+from tlserve.service.store import paging
+from tlserve.service.store.models import ModelStore
+from tlserve.service.variant import Variant
 
 if TYPE_CHECKING:
-    from service.inference.service import InferenceService
+    from tlserve.service.inference.service import InferenceService
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 

@@ -18,20 +18,20 @@ import threading
 
 from google.protobuf import timestamp_pb2
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from client.tlserve.v1 import tlserve_pb2_grpc
-from service import backbones, hardware
-from service.api.interceptors import status_for
-from service.api.streams import call_deadline, ordered_replies
-from service.config import Settings
-from service.datasets import Datasets
-from service.errors import InvalidArgument, TLServeError
-from service.export.service import ExportService
-from service.inference.service import InferenceService
-from service.jobs.service import JobService
-from service.profiling.compare import BackboneComparer
-from service.profiling.profile import ProfileService
-from service.store.models import ModelStore
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.client.tlserve.v1 import tlserve_pb2_grpc
+from tlserve.service import backbones, hardware
+from tlserve.service.api.interceptors import status_for
+from tlserve.service.api.streams import call_deadline, ordered_replies
+from tlserve.service.config import Settings
+from tlserve.service.datasets import Datasets
+from tlserve.service.errors import InvalidArgument, TLServeError
+from tlserve.service.export.service import ExportService
+from tlserve.service.inference.service import InferenceService
+from tlserve.service.jobs.service import JobService
+from tlserve.service.profiling.compare import BackboneComparer
+from tlserve.service.profiling.profile import ProfileService
+from tlserve.service.store.models import ModelStore
 
 # PredictStream requests computed at once per stream; replies still go out in order.
 STREAM_WINDOW = 32

@@ -31,7 +31,7 @@ freeze and unfreeze (`layer_groups(name)` gives the names without building).
 
 from __future__ import annotations
 
-from service.backbones.building import (  # noqa: F401 - the package's API
+from tlserve.service.backbones.building import (  # noqa: F401 - the package's API
     BuiltModel,
     Classifier,
     LayerGroup,
@@ -41,10 +41,10 @@ from service.backbones.building import (  # noqa: F401 - the package's API
     rebuild,
     trainable_groups,
 )
-from service.backbones.family_rules import (  # noqa: F401 - the package's API
+from tlserve.service.backbones.family_rules import (  # noqa: F401 - the package's API
     layer_groups,
 )
-from service.backbones.registry import (  # noqa: F401 - the package's API
+from tlserve.service.backbones.registry import (  # noqa: F401 - the package's API
     BackboneSpec,
     Preprocessing,
     UnknownBackbone,
@@ -64,7 +64,7 @@ from service.backbones.registry import (  # noqa: F401 - the package's API
     resolve_weights,
     weights_file_name,
 )
-from service.backbones.weights import (  # noqa: F401 - the package's API
+from tlserve.service.backbones.weights import (  # noqa: F401 - the package's API
     WEIGHTS_KINDS,
     WeightsChoice,
     ensure_cached,

@@ -13,10 +13,10 @@ import torch.hub
 import torchvision
 from torch import nn
 
-from service.backbones.family_rules import _FAMILY_RULES, layer_groups
-from service.backbones.registry import Preprocessing, get_spec
-from service.backbones.weights import _SOURCES, WEIGHTS_KINDS, WeightsChoice, _as_trunk_state_dict, _first, _load_trunk
-from service.errors import InvalidArgument
+from tlserve.service.backbones.family_rules import _FAMILY_RULES, layer_groups
+from tlserve.service.backbones.registry import Preprocessing, get_spec
+from tlserve.service.backbones.weights import _SOURCES, WEIGHTS_KINDS, WeightsChoice, _as_trunk_state_dict, _first, _load_trunk
+from tlserve.service.errors import InvalidArgument
 
 # -- building models ----------------------------------------------------------
 #

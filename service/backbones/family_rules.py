@@ -12,8 +12,8 @@ import torch.hub
 from torch import nn
 from torchvision.models.vision_transformer import interpolate_embeddings
 
-from service.backbones.registry import WeightsSpec, get_spec
-from service.errors import InvalidArgument
+from tlserve.service.backbones.registry import WeightsSpec, get_spec
+from tlserve.service.errors import InvalidArgument
 
 
 class _Parameters(nn.Module):

@@ -14,8 +14,8 @@ from urllib.parse import urlparse
 import torchvision
 from torchvision.models import WeightsEnum
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.errors import FailedPrecondition, InvalidArgument
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.errors import FailedPrecondition, InvalidArgument
 
 # torchvision rounds `_file_size` to 3 decimals of MiB: its extended tests compute it as
 # round(os.path.getsize(file) / 1024 / 1024, 3) (test/common_extended_utils.py), so the

@@ -18,17 +18,17 @@ import torch.hub
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from service.backbones.registry import (
+from tlserve.service.backbones.registry import (
     Preprocessing,
     WeightsHashMismatch,
     WeightsNotCached,
     WeightsSpec,
     weights_file_name,
 )
-from service.errors import InvalidArgument, NotFound
+from tlserve.service.errors import InvalidArgument, NotFound
 
 if TYPE_CHECKING:
-    from service.backbones.family_rules import _FamilyRule
+    from tlserve.service.backbones.family_rules import _FamilyRule
 
 
 # Old DenseNet checkpoints name layers 'norm.1', 'conv.2', ...; torchvision's densenet

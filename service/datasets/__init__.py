@@ -43,13 +43,13 @@ Decisions worth knowing (see the constants below for the numbers):
 
 from __future__ import annotations
 
-from service.datasets.archive import (  # noqa: F401 - the package's API
+from tlserve.service.datasets.archive import (  # noqa: F401 - the package's API
     sniff_format,
 )
-from service.datasets.catalog import (  # noqa: F401 - the package's API
+from tlserve.service.datasets.catalog import (  # noqa: F401 - the package's API
     Datasets,
 )
-from service.datasets.common import (  # noqa: F401 - the package's API
+from tlserve.service.datasets.common import (  # noqa: F401 - the package's API
     DEFAULT_FRACTION,
     ID_PREFIX,
     IMAGE_EXTENSIONS,
@@ -62,12 +62,12 @@ from service.datasets.common import (  # noqa: F401 - the package's API
     split_sizes,
     validate_name,
 )
-from service.datasets.ingest import (  # noqa: F401 - the package's API
+from tlserve.service.datasets.ingest import (  # noqa: F401 - the package's API
     check_image,
 )
-from service.datasets.layout import (  # noqa: F401 - the package's API
+from tlserve.service.datasets.layout import (  # noqa: F401 - the package's API
     plan_layout,
 )
-from service.datasets.upload import (  # noqa: F401 - the package's API
+from tlserve.service.datasets.upload import (  # noqa: F401 - the package's API
     Upload,
 )

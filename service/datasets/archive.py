@@ -15,9 +15,9 @@ import tarfile
 import zipfile
 import zlib
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.datasets.common import _COPY_BYTES, MAX_EXPANSION_RATIO, UNPACKED_SIZE_FACTOR, _disk_error
-from service.errors import InvalidArgument
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.datasets.common import _COPY_BYTES, MAX_EXPANSION_RATIO, UNPACKED_SIZE_FACTOR, _disk_error
+from tlserve.service.errors import InvalidArgument
 
 # tarfile reads a pax or GNU long-name header body in one read(); a gzip of zeros can
 # declare gigabytes of it. No honest header comes near 16 MiB.

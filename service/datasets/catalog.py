@@ -16,9 +16,9 @@ import time
 import uuid
 from collections.abc import Callable
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.config import Settings
-from service.datasets.common import (
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.config import Settings
+from tlserve.service.datasets.common import (
     _ACTIVE_JOB_STATES,
     _ID_PATTERN,
     ID_PREFIX,
@@ -30,13 +30,13 @@ from service.datasets.common import (
     _remove,
     validate_name,
 )
-from service.datasets.ingest import _ingest, _Ingested
-from service.datasets.layout import plan_layout
-from service.datasets.upload import Upload
-from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from service.manifest import SPLITS, Manifest
-from service.store import paging
-from service.store.metadata import MetadataStore
+from tlserve.service.datasets.ingest import _ingest, _Ingested
+from tlserve.service.datasets.layout import plan_layout
+from tlserve.service.datasets.upload import Upload
+from tlserve.service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from tlserve.service.manifest import SPLITS, Manifest
+from tlserve.service.store import paging
+from tlserve.service.store.metadata import MetadataStore
 
 # --- The domain object -------------------------------------------------------------------
 

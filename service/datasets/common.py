@@ -11,8 +11,8 @@ import pathlib
 import re
 import shutil
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.errors import InvalidArgument, ResourceExhausted
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.errors import InvalidArgument, ResourceExhausted
 
 ID_PREFIX = "ds-"
 _ID_PATTERN = re.compile(r"ds-[0-9a-f]{8}")

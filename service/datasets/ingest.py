@@ -16,13 +16,13 @@ from collections.abc import Iterable
 
 from PIL import Image
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.config import Settings
-from service.datasets.common import _COPY_BYTES, _SPLIT_ENUM, WARNINGS_PER_KIND, SplitConfig, split_sizes
-from service.datasets.layout import _Item, _Layout
-from service.errors import InvalidArgument
-from service.images import MAX_ASPECT_RATIO, PIL_FORMATS, too_elongated
-from service.manifest import SPLITS
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.config import Settings
+from tlserve.service.datasets.common import _COPY_BYTES, _SPLIT_ENUM, WARNINGS_PER_KIND, SplitConfig, split_sizes
+from tlserve.service.datasets.layout import _Item, _Layout
+from tlserve.service.errors import InvalidArgument
+from tlserve.service.images import MAX_ASPECT_RATIO, PIL_FORMATS, too_elongated
+from tlserve.service.manifest import SPLITS
 
 # --- Image checks --------------------------------------------------------------------
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-from service.datasets.common import _SPLIT_FOLDERS, IMAGE_EXTENSIONS, _is_image_name
-from service.errors import InvalidArgument
+from tlserve.service.datasets.common import _SPLIT_FOLDERS, IMAGE_EXTENSIONS, _is_image_name
+from tlserve.service.errors import InvalidArgument
 
 # --- Layout: which file is which class and split ------------------------------------
 

@@ -9,15 +9,15 @@ import pathlib
 import threading
 from typing import TYPE_CHECKING
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.datasets.archive import _ARCHIVE_ERRORS, _Archive, _UnpackLimit, sniff_format
-from service.datasets.common import _FORMAT_NAMES, SplitConfig, _is_junk, _remove
-from service.datasets.ingest import _ingest, _Ingested
-from service.datasets.layout import plan_layout
-from service.errors import FailedPrecondition, InvalidArgument
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.datasets.archive import _ARCHIVE_ERRORS, _Archive, _UnpackLimit, sniff_format
+from tlserve.service.datasets.common import _FORMAT_NAMES, SplitConfig, _is_junk, _remove
+from tlserve.service.datasets.ingest import _ingest, _Ingested
+from tlserve.service.datasets.layout import plan_layout
+from tlserve.service.errors import FailedPrecondition, InvalidArgument
 
 if TYPE_CHECKING:
-    from service.datasets.catalog import Datasets
+    from tlserve.service.datasets.catalog import Datasets
 
 
 # --- Uploads ---------------------------------------------------------------------------

@@ -41,9 +41,9 @@ from PIL import Image
 from torch import nn
 from torchvision import transforms as T
 
-from service import backbones
-from service.images import PIL_FORMATS
-from service.training.data import eval_transform
+from tlserve.service import backbones
+from tlserve.service.images import PIL_FORMATS
+from tlserve.service.training.data import eval_transform
 
 INPUT = "input"
 LOGITS = "logits"

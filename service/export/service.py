@@ -31,16 +31,16 @@ from typing import BinaryIO
 
 import onnx
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import backbones, metrics
-from service.clock import now
-from service.config import Settings
-from service.errors import FailedPrecondition, InvalidArgument, NotFound, TLServeError
-from service.export import onnx_export as ox
-from service.manifest import Manifest
-from service.store.artifacts import ArtifactStore
-from service.store.models import ModelStore, model_dir
-from service.variant import LAYOUT_OF, PRECISION_OF, Variant
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import backbones, metrics
+from tlserve.service.clock import now
+from tlserve.service.config import Settings
+from tlserve.service.errors import FailedPrecondition, InvalidArgument, NotFound, TLServeError
+from tlserve.service.export import onnx_export as ox
+from tlserve.service.manifest import Manifest
+from tlserve.service.store.artifacts import ArtifactStore
+from tlserve.service.store.models import ModelStore, model_dir
+from tlserve.service.variant import LAYOUT_OF, PRECISION_OF, Variant
 
 log = logging.getLogger("tlserve.export")
 

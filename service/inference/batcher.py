@@ -85,8 +85,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, ResourceExhausted, Unavailable
-from service.inference.stats import ModelStatistics
+from tlserve.service.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from tlserve.service.inference.stats import ModelStatistics
 
 Outputs = Mapping[str, np.ndarray] | np.ndarray
 InferFn = Callable[[np.ndarray], Outputs]

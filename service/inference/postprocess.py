@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -39,9 +39,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.errors import InvalidArgument
-from service.images import check_size
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.errors import InvalidArgument
+from tlserve.service.images import check_size
 
 # Draft (DCT-scaled JPEG decoding) only while the reduced image's shorter side stays
 # at least this many times the resize target, so the resize still averages ≥ 4×4

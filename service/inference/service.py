@@ -35,10 +35,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import hardware, metrics
-from service.config import Settings
-from service.errors import (
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import hardware, metrics
+from tlserve.service.config import Settings
+from tlserve.service.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -46,11 +46,11 @@ from service.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from service.inference import cache
-from service.inference.batcher import DynamicBatcher
-from service.inference.postprocess import predictions, run_ranked
-from service.inference.preprocess import Preprocessor
-from service.inference.sessions import (
+from tlserve.service.inference import cache
+from tlserve.service.inference.batcher import DynamicBatcher
+from tlserve.service.inference.postprocess import predictions, run_ranked
+from tlserve.service.inference.preprocess import Preprocessor
+from tlserve.service.inference.sessions import (
     LanedSession,
     Session,
     TensorInfo,
@@ -61,10 +61,10 @@ from service.inference.sessions import (
     runs_on_cpu,
     warm_up,
 )
-from service.inference.stats import ModelStatistics
-from service.store.artifacts import ArtifactStore
-from service.store.models import ModelStore
-from service.variant import LAYOUTS, Variant
+from tlserve.service.inference.stats import ModelStatistics
+from tlserve.service.store.artifacts import ArtifactStore
+from tlserve.service.store.models import ModelStore
+from tlserve.service.variant import LAYOUTS, Variant
 
 log = logging.getLogger(__name__)
 

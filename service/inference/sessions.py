@@ -44,12 +44,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import hardware
-from service.variant import Variant
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import hardware
+from tlserve.service.variant import Variant
 
 if TYPE_CHECKING:
-    from service.config import Settings
+    from tlserve.service.config import Settings
 
 _ORT_DTYPES = {
     "tensor(float)": np.dtype(np.float32),
@@ -193,7 +193,7 @@ class TorchSession:
                  device: str | None = None) -> None:
         import torch
 
-        from service import backbones
+        from tlserve.service import backbones
 
         built = backbones.load_published(path, backbone, num_classes, backbones.Preprocessing.from_proto(preprocessing))
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

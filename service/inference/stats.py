@@ -21,7 +21,7 @@ import dataclasses
 import threading
 from typing import NamedTuple
 
-from service.variant import Variant
+from tlserve.service.variant import Variant
 
 
 @dataclasses.dataclass

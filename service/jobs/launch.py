@@ -1,4 +1,4 @@
-"""`python -m service.jobs.launch CMD [ARGS...]`: run CMD so that it dies with its parent.
+"""`python -m tlserve.service.jobs.launch CMD [ARGS...]`: run CMD so that it dies with its parent.
 
 Sets Linux's PR_SET_PDEATHSIG (SIGKILL), which survives exec, then replaces
 itself with CMD. The job runner starts every worker (or torchrun, whose own
@@ -13,12 +13,12 @@ from __future__ import annotations
 import os
 import sys
 
-from service.childproc import die_with_parent
+from tlserve.service.childproc import die_with_parent
 
 
 def main(argv: list[str]) -> None:
     if not argv:
-        sys.exit("usage: python -m service.jobs.launch CMD [ARGS...]")
+        sys.exit("usage: python -m tlserve.service.jobs.launch CMD [ARGS...]")
     die_with_parent()
     os.execvp(argv[0], argv)
 

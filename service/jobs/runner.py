@@ -35,10 +35,10 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import metrics
-from service.config import Settings
-from service.store.jobs import TERMINAL_STATES, JobStore
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import metrics
+from tlserve.service.config import Settings
+from tlserve.service.store.jobs import TERMINAL_STATES, JobStore
 
 log = logging.getLogger("tlserve.jobs")
 
@@ -59,13 +59,13 @@ def backoff_seconds(failures: int) -> float:
 
 
 def worker_command(settings: Settings, job: pb.Job) -> list[str]:
-    worker = ["-m", "service.jobs.worker", "--job-id", job.id, "--home", str(settings.home)]
+    worker = ["-m", "tlserve.service.jobs.worker", "--job-id", job.id, "--home", str(settings.home)]
     if settings.data_root is not None:
         worker += ["--data-root", str(settings.data_root)]
     if job.request.devices > 1:
         # torchrun: one process per device, rendezvous on a free local port.
         worker = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={job.request.devices}", *worker]
-    return [sys.executable, "-m", "service.jobs.launch", sys.executable, *worker]
+    return [sys.executable, "-m", "tlserve.service.jobs.launch", sys.executable, *worker]
 
 
 def exit_reason(returncode: int) -> str:

@@ -14,17 +14,17 @@ import os
 import re
 from collections.abc import AsyncIterator, Mapping
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import backbones, hardware
-from service.config import Settings
-from service.datasets import Datasets
-from service.errors import InvalidArgument
-from service.jobs.runner import JobRunner
-from service.jobs.weights import weights_choice
-from service.store.artifacts import ArtifactStore
-from service.store.jobs import TERMINAL_STATES, JobStore
-from service.store.models import ModelStore
-from service.training.config import TrainConfig
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import backbones, hardware
+from tlserve.service.config import Settings
+from tlserve.service.datasets import Datasets
+from tlserve.service.errors import InvalidArgument
+from tlserve.service.jobs.runner import JobRunner
+from tlserve.service.jobs.weights import weights_choice
+from tlserve.service.store.artifacts import ArtifactStore
+from tlserve.service.store.jobs import TERMINAL_STATES, JobStore
+from tlserve.service.store.models import ModelStore
+from tlserve.service.training.config import TrainConfig
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # WatchJob polls the store: workers write progress from other processes.

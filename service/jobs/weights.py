@@ -12,13 +12,13 @@ import pathlib
 
 import torch
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import backbones
-from service.config import Settings
-from service.errors import FailedPrecondition, InvalidArgument, NotFound
-from service.store.artifacts import ArtifactStore
-from service.store.models import ModelStore
-from service.variant import Variant
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import backbones
+from tlserve.service.config import Settings
+from tlserve.service.errors import FailedPrecondition, InvalidArgument, NotFound
+from tlserve.service.store.artifacts import ArtifactStore
+from tlserve.service.store.models import ModelStore
+from tlserve.service.variant import Variant
 
 
 def resolve_data_file(settings: Settings, relative: str, field: str) -> pathlib.Path:

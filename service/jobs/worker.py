@@ -1,4 +1,4 @@
-"""`python -m service.jobs.worker --job-id ID --home HOME`: run one fine-tuning job.
+"""`python -m tlserve.service.jobs.worker --job-id ID --home HOME`: run one fine-tuning job.
 
 Started by the job runner (or by torchrun, once per device, for `devices > 1`;
 or as a Kubernetes Job on another node that mounts the same TLSERVE_HOME). It
@@ -25,21 +25,21 @@ import time
 
 import torch
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import backbones, logs
-from service.config import Settings
-from service.errors import Cancelled, TLServeError
-from service.childproc import die_with_parent
-from service.jobs.weights import weights_choice
-from service.manifest import Manifest
-from service.store import ArtifactStore, MetadataStore
-from service.clock import now
-from service.store.jobs import JobStore
-from service.store.models import ModelStore, model_dir
-from service.variant import Variant
-from service.training import protocol
-from service.training.config import TrainConfig
-from service.training.engine import TrainResult, fine_tune
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import backbones, logs
+from tlserve.service.config import Settings
+from tlserve.service.errors import Cancelled, TLServeError
+from tlserve.service.childproc import die_with_parent
+from tlserve.service.jobs.weights import weights_choice
+from tlserve.service.manifest import Manifest
+from tlserve.service.store import ArtifactStore, MetadataStore
+from tlserve.service.clock import now
+from tlserve.service.store.jobs import JobStore
+from tlserve.service.store.models import ModelStore, model_dir
+from tlserve.service.variant import Variant
+from tlserve.service.training import protocol
+from tlserve.service.training.config import TrainConfig
+from tlserve.service.training.engine import TrainResult, fine_tune
 
 log = logging.getLogger("tlserve.worker")
 
@@ -189,7 +189,7 @@ def run(job_id: str, settings: Settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     die_with_parent()
-    parser = argparse.ArgumentParser(prog="python -m service.jobs.worker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tlserve.service.jobs.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--job-id", required=True)
     args, settings_argv = parser.parse_known_args(argv)
     settings = Settings.load(settings_argv)

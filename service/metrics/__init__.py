@@ -30,8 +30,8 @@ import logging
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.variant import Variant
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.variant import Variant
 
 log = logging.getLogger("tlserve.metrics")
 

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
-from service.metrics import NAMESPACE
+from tlserve.service.metrics import NAMESPACE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,9 +15,9 @@ from prometheus_client import Counter
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from service.metrics import COLLECT_ERRORS
-from service.metrics.families import Sample, assemble
-from service.metrics.families import gauge as _gauge
+from tlserve.service.metrics import COLLECT_ERRORS
+from tlserve.service.metrics.families import Sample, assemble
+from tlserve.service.metrics.families import gauge as _gauge
 
 log = logging.getLogger("tlserve.metrics")
 

@@ -20,8 +20,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import prometheus_client
 from prometheus_client import CollectorRegistry
 
-from service.auth import Role, TokenTable, bearer_token
-from service.config import split_address
+from tlserve.service.auth import Role, TokenTable, bearer_token
+from tlserve.service.config import split_address
 
 # Seconds a connection may take for its handshake and request before it is dropped.
 CONNECTION_TIMEOUT_SECONDS = 10

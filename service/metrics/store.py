@@ -13,10 +13,10 @@ from prometheus_client import Counter
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.metrics import COLLECT_ERRORS, MODEL_LABELS, _seconds, state_label
-from service.metrics.families import Sample, assemble
-from service.metrics.families import gauge as _gauge
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.metrics import COLLECT_ERRORS, MODEL_LABELS, _seconds, state_label
+from tlserve.service.metrics.families import Sample, assemble
+from tlserve.service.metrics.families import gauge as _gauge
 
 log = logging.getLogger("tlserve.metrics")
 

@@ -50,13 +50,13 @@ from collections.abc import Sequence
 
 import torch
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import backbones, childproc
-from service.config import Settings
-from service.datasets import Datasets
-from service.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from service.manifest import Manifest
-from service.training import strategies
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import backbones, childproc
+from tlserve.service.config import Settings
+from tlserve.service.datasets import Datasets
+from tlserve.service.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from tlserve.service.manifest import Manifest
+from tlserve.service.training import strategies
 
 log = logging.getLogger("tlserve.compare")
 
@@ -311,9 +311,9 @@ def probe_all(task: CompareTask) -> list[dict]:
 
 
 def probe_backbone(name: str, task: CompareTask, device: torch.device) -> tuple[pb.BackboneComparison, float]:
-    from service.profiling.measure import Latency, time_calls
-    from service.training import data
-    from service.training import features as features_of
+    from tlserve.service.profiling.measure import Latency, time_calls
+    from tlserve.service.training import data
+    from tlserve.service.training import features as features_of
 
     torch.manual_seed(task.seed)  # random initialisation (weights NONE) is the same on every call
     spec = backbones.get_spec(name)

@@ -36,15 +36,15 @@ import threading
 import time
 from collections.abc import Callable
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import childproc
-from service.clock import now
-from service.config import Settings
-from service.errors import Cancelled, FailedPrecondition, InvalidArgument
-from service.inference.sessions import cpu_lanes
-from service.store.artifacts import ArtifactStore
-from service.store.models import ModelStore
-from service.variant import Variant
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import childproc
+from tlserve.service.clock import now
+from tlserve.service.config import Settings
+from tlserve.service.errors import Cancelled, FailedPrecondition, InvalidArgument
+from tlserve.service.inference.sessions import cpu_lanes
+from tlserve.service.store.artifacts import ArtifactStore
+from tlserve.service.store.models import ModelStore
+from tlserve.service.variant import Variant
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class ProfileService:
         """The model's test images (validation where there is no test split): the inputs
         of the timed calls, and of the accuracy when asked. Without its dataset, timing
         still works on blank images; accuracy cannot be measured."""
-        from service.manifest import Manifest
+        from tlserve.service.manifest import Manifest
 
         path = self._settings.datasets_dir / model.lineage.dataset_id / "manifest.json"
         try:
@@ -215,8 +215,8 @@ def measure(task: VariantTask) -> bytes:
     figures measured here (the parent adds those from the store)."""
     import numpy as np
 
-    from service.inference import sessions
-    from service.profiling.measure import Latency, PeakMemory, time_calls
+    from tlserve.service.inference import sessions
+    from tlserve.service.profiling.measure import Latency, PeakMemory, time_calls
 
     preprocessing = pb.Preprocessing.FromString(task.preprocessing)
     crop = preprocessing.crop_size
@@ -240,7 +240,7 @@ def measure(task: VariantTask) -> bytes:
                                             preprocessing=preprocessing, device=torch_device)
             sessions.warm_up(session, task.batch_size, crop)
         else:
-            from service import hardware
+            from tlserve.service import hardware
 
             # Opened as Predict opens it (spinning between runs decided the same way; with
             # CPU lanes both sessions, so that peak memory is what serving holds).
@@ -301,8 +301,8 @@ def _synchronize(torch_device: str | None) -> Callable[[], None]:
 
 def _load(samples, preprocessing: pb.Preprocessing, uint8_nhwc: bool):
     """Prepared inputs of `samples`, exactly as in evaluation (the export's loader)."""
-    from service import backbones
-    from service.export import onnx_export as ox
+    from tlserve.service import backbones
+    from tlserve.service.export import onnx_export as ox
 
     images = ox.load_images([(pathlib.Path(p), label) for p, label in samples],
                             backbones.Preprocessing.from_proto(preprocessing))

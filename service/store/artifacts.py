@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from service.errors import InvalidArgument, NotFound
+from tlserve.service.errors import InvalidArgument, NotFound
 
 TEMP_PREFIX = ".tmp-"
 _READ_CHUNK_BYTES = 1 << 20

@@ -14,11 +14,11 @@ import secrets
 import time
 from collections.abc import Callable
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.clock import now
-from service.errors import NotFound
-from service.store import paging
-from service.store.metadata import MetadataStore
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.clock import now
+from tlserve.service.errors import NotFound
+from tlserve.service.store import paging
+from tlserve.service.store.metadata import MetadataStore
 
 TERMINAL_STATES = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED})
 

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from service.errors import FailedPrecondition
+from tlserve.service.errors import FailedPrecondition
 
 MIGRATIONS: tuple[str, ...] = (
     # 0 → 1: the v1 API's resources.

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import time
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.errors import InvalidArgument, NotFound
-from service.store import paging
-from service.store.artifacts import ArtifactStore
-from service.store.metadata import MetadataStore
-from service.variant import Variant
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.errors import InvalidArgument, NotFound
+from tlserve.service.store import paging
+from tlserve.service.store.artifacts import ArtifactStore
+from tlserve.service.store.metadata import MetadataStore
+from tlserve.service.variant import Variant
 
 def model_dir(name: str, version: int) -> str:
     """Artifact-store directory of one model version."""

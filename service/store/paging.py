@@ -11,7 +11,7 @@ import base64
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from service.errors import InvalidArgument
+from tlserve.service.errors import InvalidArgument
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000

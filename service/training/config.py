@@ -54,8 +54,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.errors import InvalidArgument
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.errors import InvalidArgument
 
 S = pb.Strategy
 STRATEGIES = {

@@ -33,9 +33,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
-from service import backbones
-from service.images import PIL_FORMATS
-from service.training.config import TrainConfig
+from tlserve.service import backbones
+from tlserve.service.images import PIL_FORMATS
+from tlserve.service.training.config import TrainConfig
 
 PARALLEL_DECODE_MIN_IMAGES = 512
 MAX_WORKERS = 8

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from service.training.config import TrainConfig
+from tlserve.service.training.config import TrainConfig
 
 # -- device, precision, processes ---------------------------------------------------------
 

@@ -51,13 +51,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import backbones
-from service.errors import InvalidArgument
-from service.manifest import Manifest
-from service.training import checkpoint, data, protocol, strategies
-from service.training.config import TrainConfig
-from service.training.devices import (
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import backbones
+from tlserve.service.errors import InvalidArgument
+from tlserve.service.manifest import Manifest
+from tlserve.service.training import checkpoint, data, protocol, strategies
+from tlserve.service.training.config import TrainConfig
+from tlserve.service.training.devices import (
     Processes,
     autocast,
     autocast_dtype,
@@ -66,10 +66,10 @@ from service.training.devices import (
     setup_processes,
     to_device,
 )
-from service.training.features import FeatureCache, build_feature_cache, frozen_features
-from service.training.metrics import report_from_predictions
-from service.training.optim import OPTIMIZERS, SCHEDULES
-from service.training.progress import Progress
+from tlserve.service.training.features import FeatureCache, build_feature_cache, frozen_features
+from tlserve.service.training.metrics import report_from_predictions
+from tlserve.service.training.optim import OPTIMIZERS, SCHEDULES
+from tlserve.service.training.progress import Progress
 
 log = logging.getLogger("tlserve.training")
 

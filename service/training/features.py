@@ -12,12 +12,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.training import data
-from service.training.devices import autocast, side_stream, to_device
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.training import data
+from tlserve.service.training.devices import autocast, side_stream, to_device
 
 if TYPE_CHECKING:
-    from service.training.engine import _Job
+    from tlserve.service.training.engine import _Job
 
 
 # -- features -----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from service.training.config import TrainConfig
+from tlserve.service.training.config import TrainConfig
 
 # -- optimisers and schedules ---------------------------------------------------------
 

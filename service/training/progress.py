@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.errors import Cancelled
-from service.training.devices import Processes, broadcast
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.errors import Cancelled
+from tlserve.service.training.devices import Processes, broadcast
 
 REPORT_INTERVAL_SECONDS = 1.0
 
 if TYPE_CHECKING:
-    from service.training.engine import Reporter
+    from tlserve.service.training.engine import Reporter
 
 
 # -- progress ------------------------------------------------------------------

@@ -35,9 +35,9 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service.manifest import Manifest
-from service.training.config import PATIENCE
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service.manifest import Manifest
+from tlserve.service.training.config import PATIENCE
 
 VAL_MIN_IMAGES_PER_CLASS = 10
 

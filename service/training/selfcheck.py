@@ -2,7 +2,7 @@
 the distributed test runs it under torchrun and compares with one process, and
 anyone can use it to check an installation (CPU or GPU) without a server.
 
-    torchrun --nproc_per_node 2 -m service.training.selfcheck --out result.json \
+    torchrun --nproc_per_node 2 -m tlserve.service.training.selfcheck --out result.json \
         --strategy FEATURE_EXTRACTION --backbone resnet18 --epochs 3
 
 Importable: `synthetic_manifest` builds a `Manifest` straight from a
@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import backbones
-from service.manifest import SPLITS, Manifest
-from service.training import engine
-from service.training.config import TrainConfig
-from service.training.synthetic import TARGET_SHAPES, write_image_folder
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import backbones
+from tlserve.service.manifest import SPLITS, Manifest
+from tlserve.service.training import engine
+from tlserve.service.training.config import TrainConfig
+from tlserve.service.training.synthetic import TARGET_SHAPES, write_image_folder
 
 
 def synthetic_manifest(root: Path, classes=TARGET_SHAPES[:3], *, per_split: dict[str, int], size: int = 32, seed: int = 1) -> Manifest:

@@ -64,8 +64,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from client.tlserve.v1 import tlserve_pb2 as pb
-from service import backbones
+from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
+from tlserve.service import backbones
 
 LARGE_IMAGES_PER_CLASS = 200
 FULL_MIN_TRAINING_IMAGES = 5

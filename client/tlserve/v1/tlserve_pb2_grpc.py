@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from client.tlserve.v1 import tlserve_pb2 as client_dot_tlserve_dot_v1_dot_tlserve__pb2
+from tlserve.client.tlserve.v1 import tlserve_pb2 as tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in client/tlserve/v1/tlserve_pb2_grpc.py depends on'
+        + ' but the generated code in tlserve/client/tlserve/v1/tlserve_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,108 +36,108 @@ class TLServeStub:
         """
         self.GetServerInfo = channel.unary_unary(
                 '/tlserve.v1.TLServe/GetServerInfo',
-                request_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetServerInfoRequest.SerializeToString,
-                response_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ServerInfo.FromString,
+                request_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ServerInfo.FromString,
                 _registered_method=True)
         self.ListBackbones = channel.unary_unary(
                 '/tlserve.v1.TLServe/ListBackbones',
-                request_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListBackbonesRequest.SerializeToString,
-                response_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListBackbonesResponse.FromString,
+                request_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListBackbonesRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListBackbonesResponse.FromString,
                 _registered_method=True)
         self.UploadDataset = channel.stream_unary(
                 '/tlserve.v1.TLServe/UploadDataset',
-                request_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.UploadDatasetRequest.SerializeToString,
-                response_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.Dataset.FromString,
+                request_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.UploadDatasetRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.Dataset.FromString,
                 _registered_method=True)
         self.RegisterDataset = channel.unary_unary(
                 '/tlserve.v1.TLServe/RegisterDataset',
-                request_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.RegisterDatasetRequest.SerializeToString,
-                response_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.Dataset.FromString,
+                request_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.RegisterDatasetRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.Dataset.FromString,
                 _registered_method=True)
         self.GetDataset = channel.unary_unary(
                 '/tlserve.v1.TLServe/GetDataset',
-                request_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetDatasetRequest.SerializeToString,
-                response_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.Dataset.FromString,
+                request_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetDatasetRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.Dataset.FromString,
                 _registered_method=True)
         self.ListDatasets = channel.unary_unary(
                 '/tlserve.v1.TLServe/ListDatasets',
-                request_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListDatasetsRequest.SerializeToString,
-                response_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListDatasetsResponse.FromString,
+                request_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListDatasetsRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListDatasetsResponse.FromString,
                 _registered_method=True)
         self.DeleteDataset = channel.unary_unary(
                 '/tlserve.v1.TLServe/DeleteDataset',
-                request_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteDatasetRequest.SerializeToString,
-                response_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteDatasetResponse.FromString,
+                request_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteDatasetRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteDatasetResponse.FromString,
                 _registered_method=True)
         self.FineTune = channel.unary_unary(
                 '/tlserve.v1.TLServe/FineTune',
-                request_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.FineTuneRequest.SerializeToString,
-                response_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.Job.FromString,
+                request_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.FineTuneRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.Job.FromString,
                 _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/tlserve.v1.TLServe/GetJob',
-                request_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetJobRequest.SerializeToString,
-                response_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.Job.FromString,
+                request_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.Job.FromString,
                 _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/tlserve.v1.TLServe/ListJobs',
-                request_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListJobsRequest.SerializeToString,
-                response_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListJobsResponse.FromString,
+                request_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListJobsResponse.FromString,
                 _registered_method=True)
         self.CancelJob = channel.unary_unary(
                 '/tlserve.v1.TLServe/CancelJob',
-                request_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.CancelJobRequest.SerializeToString,
-                response_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.Job.FromString,
+                request_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.Job.FromString,
                 _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/tlserve.v1.TLServe/WatchJob',
-                request_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.WatchJobRequest.SerializeToString,
-                response_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.JobEvent.FromString,
+                request_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.JobEvent.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/tlserve.v1.TLServe/ListModels',
-                request_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListModelsResponse.FromString,
+                request_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.GetModel = channel.unary_unary(
                 '/tlserve.v1.TLServe/GetModel',
-                request_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetModelRequest.SerializeToString,
-                response_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.Model.FromString,
+                request_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.Model.FromString,
                 _registered_method=True)
         self.DeleteModel = channel.unary_unary(
                 '/tlserve.v1.TLServe/DeleteModel',
-                request_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteModelRequest.SerializeToString,
-                response_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteModelResponse.FromString,
+                request_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteModelResponse.FromString,
                 _registered_method=True)
         self.ExportModel = channel.unary_unary(
                 '/tlserve.v1.TLServe/ExportModel',
-                request_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ExportModelRequest.SerializeToString,
-                response_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ModelArtifact.FromString,
+                request_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ExportModelRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ModelArtifact.FromString,
                 _registered_method=True)
         self.DownloadModel = channel.unary_stream(
                 '/tlserve.v1.TLServe/DownloadModel',
-                request_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.DownloadModelRequest.SerializeToString,
-                response_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.DownloadModelResponse.FromString,
+                request_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.DownloadModelRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.DownloadModelResponse.FromString,
                 _registered_method=True)
         self.ProfileModel = channel.unary_unary(
                 '/tlserve.v1.TLServe/ProfileModel',
-                request_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ProfileModelRequest.SerializeToString,
-                response_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ModelProfile.FromString,
+                request_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ProfileModelRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ModelProfile.FromString,
                 _registered_method=True)
         self.CompareBackbones = channel.unary_unary(
                 '/tlserve.v1.TLServe/CompareBackbones',
-                request_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.CompareBackbonesRequest.SerializeToString,
-                response_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.CompareBackbonesResponse.FromString,
+                request_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.CompareBackbonesRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.CompareBackbonesResponse.FromString,
                 _registered_method=True)
         self.Predict = channel.unary_unary(
                 '/tlserve.v1.TLServe/Predict',
-                request_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictRequest.SerializeToString,
-                response_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictResponse.FromString,
+                request_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictResponse.FromString,
                 _registered_method=True)
         self.PredictStream = channel.stream_stream(
                 '/tlserve.v1.TLServe/PredictStream',
-                request_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictRequest.SerializeToString,
-                response_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictResponse.FromString,
+                request_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictRequest.SerializeToString,
+                response_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictResponse.FromString,
                 _registered_method=True)
 
 
@@ -302,108 +302,108 @@ def add_TLServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetServerInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetServerInfo,
-                    request_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetServerInfoRequest.FromString,
-                    response_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ServerInfo.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ServerInfo.SerializeToString,
             ),
             'ListBackbones': grpc.unary_unary_rpc_method_handler(
                     servicer.ListBackbones,
-                    request_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListBackbonesRequest.FromString,
-                    response_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListBackbonesResponse.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListBackbonesRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListBackbonesResponse.SerializeToString,
             ),
             'UploadDataset': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadDataset,
-                    request_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.UploadDatasetRequest.FromString,
-                    response_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.Dataset.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.UploadDatasetRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.Dataset.SerializeToString,
             ),
             'RegisterDataset': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterDataset,
-                    request_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.RegisterDatasetRequest.FromString,
-                    response_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.Dataset.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.RegisterDatasetRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.Dataset.SerializeToString,
             ),
             'GetDataset': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDataset,
-                    request_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetDatasetRequest.FromString,
-                    response_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.Dataset.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetDatasetRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.Dataset.SerializeToString,
             ),
             'ListDatasets': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDatasets,
-                    request_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListDatasetsRequest.FromString,
-                    response_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListDatasetsResponse.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListDatasetsRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListDatasetsResponse.SerializeToString,
             ),
             'DeleteDataset': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteDataset,
-                    request_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteDatasetRequest.FromString,
-                    response_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteDatasetResponse.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteDatasetRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteDatasetResponse.SerializeToString,
             ),
             'FineTune': grpc.unary_unary_rpc_method_handler(
                     servicer.FineTune,
-                    request_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.FineTuneRequest.FromString,
-                    response_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.Job.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.FineTuneRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.Job.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
-                    request_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetJobRequest.FromString,
-                    response_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.Job.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetJobRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.Job.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
-                    request_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListJobsRequest.FromString,
-                    response_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListJobsResponse.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListJobsRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListJobsResponse.SerializeToString,
             ),
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
-                    request_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.CancelJobRequest.FromString,
-                    response_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.Job.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.CancelJobRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.Job.SerializeToString,
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
-                    request_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.WatchJobRequest.FromString,
-                    response_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.JobEvent.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.WatchJobRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.JobEvent.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListModelsRequest.FromString,
-                    response_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListModelsRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListModelsResponse.SerializeToString,
             ),
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
-                    request_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetModelRequest.FromString,
-                    response_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.Model.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetModelRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.Model.SerializeToString,
             ),
             'DeleteModel': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteModel,
-                    request_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteModelRequest.FromString,
-                    response_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteModelResponse.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteModelRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteModelResponse.SerializeToString,
             ),
             'ExportModel': grpc.unary_unary_rpc_method_handler(
                     servicer.ExportModel,
-                    request_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ExportModelRequest.FromString,
-                    response_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ModelArtifact.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ExportModelRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ModelArtifact.SerializeToString,
             ),
             'DownloadModel': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadModel,
-                    request_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.DownloadModelRequest.FromString,
-                    response_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.DownloadModelResponse.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.DownloadModelRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.DownloadModelResponse.SerializeToString,
             ),
             'ProfileModel': grpc.unary_unary_rpc_method_handler(
                     servicer.ProfileModel,
-                    request_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ProfileModelRequest.FromString,
-                    response_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.ModelProfile.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ProfileModelRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ModelProfile.SerializeToString,
             ),
             'CompareBackbones': grpc.unary_unary_rpc_method_handler(
                     servicer.CompareBackbones,
-                    request_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.CompareBackbonesRequest.FromString,
-                    response_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.CompareBackbonesResponse.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.CompareBackbonesRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.CompareBackbonesResponse.SerializeToString,
             ),
             'Predict': grpc.unary_unary_rpc_method_handler(
                     servicer.Predict,
-                    request_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictRequest.FromString,
-                    response_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictResponse.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictResponse.SerializeToString,
             ),
             'PredictStream': grpc.stream_stream_rpc_method_handler(
                     servicer.PredictStream,
-                    request_deserializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictRequest.FromString,
-                    response_serializer=client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictResponse.SerializeToString,
+                    request_deserializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictRequest.FromString,
+                    response_serializer=tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -431,8 +431,8 @@ class TLServe:
             request,
             target,
             '/tlserve.v1.TLServe/GetServerInfo',
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetServerInfoRequest.SerializeToString,
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.ServerInfo.FromString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetServerInfoRequest.SerializeToString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ServerInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -458,8 +458,8 @@ class TLServe:
             request,
             target,
             '/tlserve.v1.TLServe/ListBackbones',
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListBackbonesRequest.SerializeToString,
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListBackbonesResponse.FromString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListBackbonesRequest.SerializeToString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListBackbonesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -485,8 +485,8 @@ class TLServe:
             request_iterator,
             target,
             '/tlserve.v1.TLServe/UploadDataset',
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.UploadDatasetRequest.SerializeToString,
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.Dataset.FromString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.UploadDatasetRequest.SerializeToString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.Dataset.FromString,
             options,
             channel_credentials,
             insecure,
@@ -512,8 +512,8 @@ class TLServe:
             request,
             target,
             '/tlserve.v1.TLServe/RegisterDataset',
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.RegisterDatasetRequest.SerializeToString,
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.Dataset.FromString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.RegisterDatasetRequest.SerializeToString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.Dataset.FromString,
             options,
             channel_credentials,
             insecure,
@@ -539,8 +539,8 @@ class TLServe:
             request,
             target,
             '/tlserve.v1.TLServe/GetDataset',
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetDatasetRequest.SerializeToString,
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.Dataset.FromString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetDatasetRequest.SerializeToString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.Dataset.FromString,
             options,
             channel_credentials,
             insecure,
@@ -566,8 +566,8 @@ class TLServe:
             request,
             target,
             '/tlserve.v1.TLServe/ListDatasets',
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListDatasetsRequest.SerializeToString,
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListDatasetsResponse.FromString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListDatasetsRequest.SerializeToString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListDatasetsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -593,8 +593,8 @@ class TLServe:
             request,
             target,
             '/tlserve.v1.TLServe/DeleteDataset',
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteDatasetRequest.SerializeToString,
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteDatasetResponse.FromString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteDatasetRequest.SerializeToString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -620,8 +620,8 @@ class TLServe:
             request,
             target,
             '/tlserve.v1.TLServe/FineTune',
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.FineTuneRequest.SerializeToString,
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.Job.FromString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.FineTuneRequest.SerializeToString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,
@@ -647,8 +647,8 @@ class TLServe:
             request,
             target,
             '/tlserve.v1.TLServe/GetJob',
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetJobRequest.SerializeToString,
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.Job.FromString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetJobRequest.SerializeToString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,
@@ -674,8 +674,8 @@ class TLServe:
             request,
             target,
             '/tlserve.v1.TLServe/ListJobs',
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListJobsRequest.SerializeToString,
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListJobsResponse.FromString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListJobsRequest.SerializeToString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -701,8 +701,8 @@ class TLServe:
             request,
             target,
             '/tlserve.v1.TLServe/CancelJob',
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.CancelJobRequest.SerializeToString,
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.Job.FromString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.CancelJobRequest.SerializeToString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,
@@ -728,8 +728,8 @@ class TLServe:
             request,
             target,
             '/tlserve.v1.TLServe/WatchJob',
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.WatchJobRequest.SerializeToString,
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.JobEvent.FromString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.WatchJobRequest.SerializeToString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.JobEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -755,8 +755,8 @@ class TLServe:
             request,
             target,
             '/tlserve.v1.TLServe/ListModels',
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListModelsRequest.SerializeToString,
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListModelsResponse.FromString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListModelsRequest.SerializeToString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -782,8 +782,8 @@ class TLServe:
             request,
             target,
             '/tlserve.v1.TLServe/GetModel',
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetModelRequest.SerializeToString,
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.Model.FromString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.GetModelRequest.SerializeToString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.Model.FromString,
             options,
             channel_credentials,
             insecure,
@@ -809,8 +809,8 @@ class TLServe:
             request,
             target,
             '/tlserve.v1.TLServe/DeleteModel',
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteModelRequest.SerializeToString,
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteModelResponse.FromString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteModelRequest.SerializeToString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.DeleteModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -836,8 +836,8 @@ class TLServe:
             request,
             target,
             '/tlserve.v1.TLServe/ExportModel',
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.ExportModelRequest.SerializeToString,
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.ModelArtifact.FromString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ExportModelRequest.SerializeToString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ModelArtifact.FromString,
             options,
             channel_credentials,
             insecure,
@@ -863,8 +863,8 @@ class TLServe:
             request,
             target,
             '/tlserve.v1.TLServe/DownloadModel',
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.DownloadModelRequest.SerializeToString,
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.DownloadModelResponse.FromString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.DownloadModelRequest.SerializeToString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.DownloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -890,8 +890,8 @@ class TLServe:
             request,
             target,
             '/tlserve.v1.TLServe/ProfileModel',
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.ProfileModelRequest.SerializeToString,
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.ModelProfile.FromString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ProfileModelRequest.SerializeToString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.ModelProfile.FromString,
             options,
             channel_credentials,
             insecure,
@@ -917,8 +917,8 @@ class TLServe:
             request,
             target,
             '/tlserve.v1.TLServe/CompareBackbones',
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.CompareBackbonesRequest.SerializeToString,
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.CompareBackbonesResponse.FromString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.CompareBackbonesRequest.SerializeToString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.CompareBackbonesResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -944,8 +944,8 @@ class TLServe:
             request,
             target,
             '/tlserve.v1.TLServe/Predict',
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictRequest.SerializeToString,
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictResponse.FromString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictRequest.SerializeToString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -971,8 +971,8 @@ class TLServe:
             request_iterator,
             target,
             '/tlserve.v1.TLServe/PredictStream',
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictRequest.SerializeToString,
-            client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictResponse.FromString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictRequest.SerializeToString,
+            tlserve_dot_client_dot_tlserve_dot_v1_dot_tlserve__pb2.PredictResponse.FromString,
             options,
             channel_credentials,
             insecure,
