@@ -79,7 +79,7 @@ def published_model(
         artifacts = ArtifactStore(settings.artifacts_dir)
         models = ModelStore(metadata, artifacts)
         job = pb.Job(id="job-factory", request=request)
-        ref = publish(job, result, None, models=models, artifacts=artifacts)
+        ref = publish(job, result, None, models=models)
         return settings, models.get(ref.name, ref.version)
     finally:
         metadata.close()

@@ -180,3 +180,33 @@ def test_fit_keeps_at_least_one_item_and_stops_at_the_budget():
     assert fit([5, 5, 5], lambda n: n, budget=10) == 2
     assert fit([50], lambda n: n, budget=10) == 1
     assert fit([], lambda n: n, budget=10) == 0
+
+
+def test_publishers_of_one_name_at_once_get_their_own_versions_and_their_own_files(metadata, tmp_path):
+    """Two jobs finishing at once used to take the same next version, both write
+    models/NAME/V/model.pt (the second over the first), and one then move to V+1:
+    version V's row described the other job's file. Each now gets its own."""
+    import concurrent.futures
+    import hashlib
+
+    from tlserve.service.variant import Variant
+
+    artifacts = ArtifactStore(tmp_path / "artifacts")
+    other = MetadataStore(metadata.path)  # a second connection, as a second worker process has
+    stores = [ModelStore(metadata, artifacts), ModelStore(other, artifacts)]
+
+    def publish(i: int) -> pb.Model:
+        model = pb.Model(name="m", backbone="resnet18", job_id=f"job-{i}")
+        return stores[i % 2].publish_next_version(model, pb.ModelArtifact(), f"weights {i}".encode() * 1000,
+                                                  Variant.PYTORCH)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        published = list(pool.map(publish, range(16)))
+    assert sorted(m.version for m in published) == list(range(1, 17))
+    for model in published:
+        [artifact] = model.artifacts
+        data = artifacts.path(model_dir("m", model.version) + "/" + Variant.PYTORCH.file_name).read_bytes()
+        assert data == f"weights {model.job_id.removeprefix('job-')}".encode() * 1000
+        assert hashlib.sha256(data).hexdigest() == artifact.sha256
+    assert not list(artifacts.root.rglob(".tmp-*"))
+    other.close()

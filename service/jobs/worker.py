@@ -35,7 +35,7 @@ from tlserve.service.manifest import Manifest
 from tlserve.service.store import ArtifactStore, MetadataStore
 from tlserve.service.clock import now
 from tlserve.service.store.jobs import JobStore
-from tlserve.service.store.models import ModelStore, model_dir
+from tlserve.service.store.models import ModelStore
 from tlserve.service.variant import Variant
 from tlserve.service.training import protocol
 from tlserve.service.training.config import TrainConfig
@@ -87,43 +87,30 @@ def measure_gflops(backbone: str, result: TrainResult) -> float:
     return backbones.count_gflops(built.model, result.preprocessing.crop_size)
 
 
-def publish(job: pb.Job, result: TrainResult, parent: pb.ModelRef | None, *,
-            models: ModelStore, artifacts: ArtifactStore) -> pb.ModelRef:
+def publish(job: pb.Job, result: TrainResult, parent: pb.ModelRef | None, *, models: ModelStore) -> pb.ModelRef:
     """Stores the weights and the model row under the next free version of the name."""
     buffer = io.BytesIO()
     torch.save(result.state_dict, buffer)
     request = job.request
     crop = result.preprocessing.crop_size
-    gflops = measure_gflops(request.backbone, result)
-    for _ in range(5):  # another job may take the version between next_version and publish
-        version = models.next_version(request.model_name)
-        ref = pb.ModelRef(name=request.model_name, version=version)
-        path = f"{model_dir(ref.name, version)}/{Variant.PYTORCH.file_name}"
-        info = artifacts.publish_bytes(buffer.getvalue(), path)
-        artifact = pb.ModelArtifact(
-            model=ref, format=pb.ARTIFACT_FORMAT_PYTORCH, precision=pb.PRECISION_FP32,
-            input_format=pb.INPUT_FORMAT_FLOAT_NCHW, size_bytes=info.size_bytes, sha256=info.sha256,
-            inputs=[pb.TensorSpec(name="input", dtype=pb.DATA_TYPE_FLOAT32, shape=[-1, 3, crop, crop])],
-            outputs=[pb.TensorSpec(name="logits", dtype=pb.DATA_TYPE_FLOAT32, shape=[-1, len(result.class_names)])],
-            test_top1_accuracy=result.test.top1_accuracy, create_time=now(),
-        )
-        model = pb.Model(
-            name=ref.name, version=version, create_time=now(), backbone=request.backbone,
-            class_names=result.class_names, preprocessing=result.preprocessing.to_proto(),
-            lineage=pb.Lineage(
-                dataset_id=request.dataset, backbone=request.backbone, weights=request.weights,
-                strategy=result.decision.strategy, hyperparameters=result.config.to_request(), parent=parent,
-            ),
-            job_id=job.id, val_metrics=result.val, test_metrics=result.test, decision=result.decision,
-            parameter_count=result.parameter_count, gflops=gflops, labels=request.labels,
-        )
-        try:
-            models.publish(model, [(artifact, path)])
-            return ref
-        except TLServeError:
-            if models.next_version(request.model_name) == version:
-                raise
-    raise RuntimeError(f"could not allocate a version of model {request.model_name}")
+    artifact = pb.ModelArtifact(
+        format=pb.ARTIFACT_FORMAT_PYTORCH, precision=pb.PRECISION_FP32, input_format=pb.INPUT_FORMAT_FLOAT_NCHW,
+        inputs=[pb.TensorSpec(name="input", dtype=pb.DATA_TYPE_FLOAT32, shape=[-1, 3, crop, crop])],
+        outputs=[pb.TensorSpec(name="logits", dtype=pb.DATA_TYPE_FLOAT32, shape=[-1, len(result.class_names)])],
+        test_top1_accuracy=result.test.top1_accuracy, create_time=now(),
+    )
+    model = pb.Model(
+        name=request.model_name, create_time=now(), backbone=request.backbone,
+        class_names=result.class_names, preprocessing=result.preprocessing.to_proto(),
+        lineage=pb.Lineage(
+            dataset_id=request.dataset, backbone=request.backbone, weights=request.weights,
+            strategy=result.decision.strategy, hyperparameters=result.config.to_request(), parent=parent,
+        ),
+        job_id=job.id, val_metrics=result.val, test_metrics=result.test, decision=result.decision,
+        parameter_count=result.parameter_count, gflops=measure_gflops(request.backbone, result), labels=request.labels,
+    )
+    published = models.publish_next_version(model, artifact, buffer.getvalue(), Variant.PYTORCH)
+    return pb.ModelRef(name=published.name, version=published.version)
 
 
 def run(job_id: str, settings: Settings) -> int:
@@ -158,7 +145,7 @@ def run(job_id: str, settings: Settings) -> int:
         if rank != 0:
             return 0
         jobs.append_event(job_id, pb.JobEvent(phase=pb.JOB_PHASE_PUBLISHING, message="publishing the model"))
-        ref = publish(job, result, parent, models=models, artifacts=artifacts)
+        ref = publish(job, result, parent, models=models)
 
         def succeed(j: pb.Job) -> None:
             j.model.CopyFrom(ref)

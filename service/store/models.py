@@ -1,20 +1,24 @@
 """Model versions and their artifacts in the metadata store.
 
-A model is named by its user and versioned here: `publish` allocates the next
-version of a name in the same transaction that inserts it, so two jobs
-finishing at once never get the same version. Artifacts (the PyTorch state
+A model is named by its user and versioned here: `publish_next_version`
+allocates the next version of a name in the same transaction that inserts it
+and moves its file into that version's folder, so two jobs finishing at once
+never get the same version, nor write each other's file. Artifacts (the PyTorch state
 dict a job publishes; ONNX exports later) are rows keyed by variant, with the
 file in the artifact store; `Model.artifacts` is filled from those rows.
 """
 
 from __future__ import annotations
 
+import os
+import pathlib
 import time
+import uuid
 
 from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 from tlserve.service.errors import InvalidArgument, NotFound
 from tlserve.service.store import paging
-from tlserve.service.store.artifacts import ArtifactStore
+from tlserve.service.store.artifacts import TEMP_PREFIX, ArtifactStore
 from tlserve.service.store.metadata import MetadataStore
 from tlserve.service.variant import Variant
 
@@ -31,6 +35,45 @@ class ModelStore:
     def next_version(self, name: str) -> int:
         rows = self._store.query("SELECT max(version) AS v FROM models WHERE name = ?", (name,))
         return (rows[0]["v"] or 0) + 1
+
+    def publish_next_version(self, model: pb.Model, artifact: pb.ModelArtifact, data: bytes,
+                             variant: Variant) -> pb.Model:
+        """Publishes `model` (its version unset) as the next version of its name, with
+        one artifact: `data`, stored as `variant`'s file.
+
+        The file is written first under a temporary name beside the name's versions
+        (a crash leaves it to `remove_stale_temps`); the version is then taken, the
+        file moved into its folder and the rows inserted in one write transaction,
+        which other publishers wait for."""
+        name = model.name
+        staged = f"models/{name}/{TEMP_PREFIX}{uuid.uuid4().hex}-{variant.file_name}"
+        info = self._artifacts.publish_bytes(data, staged)
+        moved: pathlib.Path | None = None
+        try:
+            with self._store.transaction() as conn:
+                row = conn.execute("SELECT max(version) AS v FROM models WHERE name = ?", (name,)).fetchone()
+                version = (row["v"] or 0) + 1
+                path = f"{model_dir(name, version)}/{variant.file_name}"
+                stored = pb.Model()
+                stored.CopyFrom(model)
+                stored.version = version
+                del stored.artifacts[:]
+                row_artifact = pb.ModelArtifact()
+                row_artifact.CopyFrom(artifact)
+                row_artifact.model.CopyFrom(pb.ModelRef(name=name, version=version))
+                row_artifact.size_bytes, row_artifact.sha256 = info.size_bytes, info.sha256
+                conn.execute(
+                    "INSERT INTO models (name, version, create_time, job_id, proto) VALUES (?, ?, ?, ?, ?)",
+                    (name, version, time.time(), stored.job_id or None, stored.SerializeToString()),
+                )
+                self._insert_artifact(conn, row_artifact, path)
+                moved = self._artifacts.path(path)
+                moved.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self._artifacts.path(staged), moved)  # last: a failed insert leaves no file behind
+        except BaseException:
+            self._artifacts.delete(staged)
+            raise
+        return self.get(name, version)
 
     def publish(self, model: pb.Model, artifacts: list[tuple[pb.ModelArtifact, str]]) -> pb.Model:
         """Inserts `model` as version `model.version` with its (artifact, relative path) rows.
