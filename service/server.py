@@ -39,12 +39,12 @@ from tlserve.service.clock import now
 from tlserve.service.config import Settings, is_loopback, split_address
 from tlserve.service.datasets import Datasets
 from tlserve.service.errors import ConfigError
-from tlserve.service.export.service import ExportService
+from tlserve.service.export.exporter import ExportService
 from tlserve.service.profiling.compare import BackboneComparer
 from tlserve.service.profiling.profile import ProfileService
-from tlserve.service.inference.service import InferenceService
+from tlserve.service.inference.predictor import InferenceService
 from tlserve.service.jobs.runner import JobRunner
-from tlserve.service.jobs.service import JobService
+from tlserve.service.jobs.control import JobService
 from tlserve.service.store import ArtifactStore, MetadataStore
 from tlserve.service.store.jobs import JobStore
 from tlserve.service.store.models import ModelStore

@@ -25,7 +25,7 @@ from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 from tlserve.service import backbones
 from tlserve.service.errors import FailedPrecondition, InvalidArgument, NotFound
 from tlserve.service.export import onnx_export as ox
-from tlserve.service.export.service import ExportService
+from tlserve.service.export.exporter import ExportService
 from tlserve.service.manifest import Manifest
 from tlserve.service.store.artifacts import ArtifactStore
 from tlserve.service.store.metadata import MetadataStore

@@ -22,7 +22,7 @@ from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 from tlserve.service import backbones, metrics
 from tlserve.service.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from tlserve.service.inference import cache
-from tlserve.service.inference.service import InferenceService, _ModelRecord
+from tlserve.service.inference.predictor import InferenceService, _ModelRecord
 from tlserve.service.inference.sessions import LanedSession
 from tlserve.service.store.artifacts import ArtifactStore
 from tlserve.service.store.metadata import MetadataStore
@@ -376,7 +376,7 @@ def test_target_resolves_from_the_cached_record_and_reads_it_again_for_a_variant
 
 
 def test_the_latest_version_serves_and_a_newer_one_takes_over_within_the_latest_ttl(world, monkeypatch):
-    from tlserve.service.inference import service as inference_service
+    from tlserve.service.inference import predictor as inference_service
 
     name = "shapes-latest"
     first = publish_copy(world.models, world.artifacts, world.model, name=name)

@@ -20,7 +20,7 @@ from tlserve.service.errors import DeadlineExceeded, InvalidArgument, ResourceEx
 from tlserve.service.inference import cache, preprocess
 from tlserve.service.inference.batcher import DynamicBatcher
 from tlserve.service.inference.postprocess import softmax, top_k
-from tlserve.service.inference.service import concurrent_batches
+from tlserve.service.inference.predictor import concurrent_batches
 from tlserve.service.inference.stats import ModelStatistics
 from tlserve.service.variant import Variant
 from tlserve.service.training.data import eval_transform

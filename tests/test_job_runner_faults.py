@@ -23,7 +23,7 @@ from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 from tlserve.service.config import Settings
 from tlserve.service.jobs import runner as runner_module
 from tlserve.service.jobs.runner import JobRunner
-from tlserve.service.jobs.service import JobService
+from tlserve.service.jobs.control import JobService
 from tlserve.service.store import MetadataStore
 from tlserve.service.store.jobs import JobStore
 from tlserve.service.training import checkpoint

@@ -403,7 +403,7 @@ def test_a_failing_driver_is_counted_and_leaves_the_rest():
 
 
 def test_a_scrape_never_imports_torch():
-    code = ("import sys, prometheus_client, service.metrics; prometheus_client.generate_latest(); "
+    code = ("import sys, prometheus_client, tlserve.service.metrics; prometheus_client.generate_latest(); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
 

@@ -14,7 +14,8 @@ import zipfile
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BARE_IMPORT = re.compile(r"^\s*(from|import)\s+(client|service)(\.|\s|$)", re.M)
+# Statements, and code in strings run by a subprocess ("import sys, service.metrics; ...").
+BARE_IMPORT = re.compile(r"(^\s*|[\"'])(from|import)\s+([\w.]+,\s*)*(client|service)(\.|\s|,|;|$)", re.M)
 
 
 def test_every_package_of_the_tree_is_in_the_distribution():
@@ -32,7 +33,7 @@ def test_nothing_imports_the_source_folders_by_their_own_names():
         f"{path.relative_to(ROOT)}:{text[: m.start()].count(chr(10)) + 1}"
         for folder in ("client", "service", "tests", "bench", "scripts", "tlserve")
         for path in (ROOT / folder).rglob("*.py*")
-        if path.suffix in (".py", ".pyi")
+        if path.suffix in (".py", ".pyi") and path != pathlib.Path(__file__).resolve()  # this file names them on purpose
         for text in [path.read_text()]
         for m in BARE_IMPORT.finditer(text)
     ]

@@ -327,7 +327,7 @@ def test_write_report_without_matplotlib_says_how_to_install_and_writes_nothing(
 
 
 def test_the_client_imports_matplotlib_only_for_a_chart():
-    code = "import sys, client.cli, client.report; print('matplotlib' in sys.modules)"
+    code = "import sys, tlserve.client.cli, tlserve.client.report; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

@@ -16,7 +16,7 @@ from tlserve.service import backbones
 from tlserve.service.errors import InvalidArgument
 from tlserve.service.training import checkpoint, optim, strategies
 from tlserve.service.training.config import TrainConfig
-from tlserve.service.training.metrics import report_from_predictions
+from tlserve.service.training.evaluation import report_from_predictions
 
 
 def _logits_for(predictions: list[int], num_classes: int) -> torch.Tensor:

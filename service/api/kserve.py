@@ -45,7 +45,7 @@ from tlserve.service.store.models import ModelStore
 from tlserve.service.variant import Variant
 
 if TYPE_CHECKING:
-    from tlserve.service.inference.service import InferenceService
+    from tlserve.service.inference.predictor import InferenceService
 
 SERVICE_NAME = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 

@@ -26,9 +26,9 @@ from tlserve.service.api.streams import call_deadline, ordered_replies
 from tlserve.service.config import Settings
 from tlserve.service.datasets import Datasets
 from tlserve.service.errors import InvalidArgument, TLServeError
-from tlserve.service.export.service import ExportService
-from tlserve.service.inference.service import InferenceService
-from tlserve.service.jobs.service import JobService
+from tlserve.service.export.exporter import ExportService
+from tlserve.service.inference.predictor import InferenceService
+from tlserve.service.jobs.control import JobService
 from tlserve.service.profiling.compare import BackboneComparer
 from tlserve.service.profiling.profile import ProfileService
 from tlserve.service.store.models import ModelStore

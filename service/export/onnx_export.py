@@ -1,6 +1,6 @@
 """PyTorch → ONNX, FP16 and INT8 variants, and the numbers that prove them: pure functions.
 
-`ExportService` (service.py) strings these together; nothing here knows the
+`ExportService` (exporter.py) strings these together; nothing here knows the
 stores or gRPC. A published `Classifier` is wrapped (`ExportWrapper`) so the
 graph takes either normalised float32 (N, 3, H, W) or raw uint8 (N, H, W, 3)
 pixels that it normalises itself, and returns "logits" and optionally

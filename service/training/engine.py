@@ -67,7 +67,7 @@ from tlserve.service.training.devices import (
     to_device,
 )
 from tlserve.service.training.features import FeatureCache, build_feature_cache, frozen_features
-from tlserve.service.training.metrics import report_from_predictions
+from tlserve.service.training.evaluation import report_from_predictions
 from tlserve.service.training.optim import OPTIMIZERS, SCHEDULES
 from tlserve.service.training.progress import Progress
 
