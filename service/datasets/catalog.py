@@ -4,13 +4,9 @@ metadata store and their files under HOME/datasets)."""
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import os
 import pathlib
 import re
-import sqlite3
 import stat
 import time
 import uuid
@@ -26,7 +22,6 @@ from tlserve.service.datasets.common import (
     UPLOADS_DIR,
     SplitConfig,
     _is_junk,
-    _not_found,
     _remove,
     validate_name,
 )
@@ -35,7 +30,7 @@ from tlserve.service.datasets.layout import plan_layout
 from tlserve.service.datasets.upload import Upload
 from tlserve.service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from tlserve.service.manifest import SPLITS, Manifest
-from tlserve.service.store import paging
+from tlserve.service.store.datasets import DatasetStore
 from tlserve.service.store.metadata import MetadataStore
 
 # --- The domain object -------------------------------------------------------------------
@@ -47,6 +42,7 @@ class Datasets:
     def __init__(self, settings: Settings, store: MetadataStore) -> None:
         self.settings = settings
         self.store = store
+        self.records = DatasetStore(store)
         self.uploads_dir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -67,7 +63,7 @@ class Datasets:
         for path in self.uploads_dir.iterdir():
             _remove(path)
             removed += 1
-        known = {r["id"] for r in self.store.query("SELECT id FROM datasets")}
+        known = self.records.ids()
         for path in self.settings.datasets_dir.iterdir():
             if _ID_PATTERN.fullmatch(path.name) and path.name not in known:
                 _remove(path)
@@ -179,14 +175,13 @@ class Datasets:
     def _new_id(self) -> str:
         while True:
             dataset_id = ID_PREFIX + uuid.uuid4().hex[:8]
-            taken = self.store.query("SELECT 1 FROM datasets WHERE id = ?", (dataset_id,))
-            if not taken and not (self.settings.datasets_dir / dataset_id).exists():
+            if not self.records.exists(dataset_id) and not (self.settings.datasets_dir / dataset_id).exists():
                 return dataset_id
 
     def _check_name_free(self, name: str) -> None:
-        rows = self.store.query("SELECT id FROM datasets WHERE name = ?", (name,))
-        if rows:
-            raise AlreadyExists(f"a dataset named {name!r} exists already ({rows[0]['id']}); choose another name "
+        taken = self.records.id_named(name)
+        if taken:
+            raise AlreadyExists(f"a dataset named {name!r} exists already ({taken}); choose another name "
                                 "or delete it first")
 
     def _publish(self, dataset_id: str, name: str, source: str, ingested: _Ingested, *,
@@ -207,16 +202,7 @@ class Datasets:
         manifest.save(staging / MANIFEST_FILE)
         os.replace(staging, final)
         try:
-            with self.store.transaction() as conn:
-                before_commit()
-                conn.execute(
-                    "INSERT INTO datasets (id, name, create_time, path, proto) VALUES (?, ?, ?, ?, ?)",
-                    (dataset_id, name, now, f"{self.settings.datasets_dir.name}/{dataset_id}",
-                     dataset.SerializeToString()),
-                )
-        except sqlite3.IntegrityError:
-            _remove(final)
-            raise AlreadyExists(f"a dataset named {name!r} was created meanwhile; choose another name") from None
+            self.records.insert(dataset, now, f"{self.settings.datasets_dir.name}/{dataset_id}", before_commit)
         except BaseException:
             _remove(final)
             raise
@@ -224,68 +210,20 @@ class Datasets:
 
     # -- read --
 
-    def _row(self, dataset: str):
-        if not dataset:
-            raise InvalidArgument("dataset is empty; give a dataset id (ds-...) or name")
-        rows = self.store.query("SELECT * FROM datasets WHERE id = ? OR name = ?", (dataset, dataset))
-        if not rows:
-            raise NotFound(_not_found(dataset))
-        return rows[0]
-
     def get(self, dataset: str) -> pb.Dataset:
-        return pb.Dataset.FromString(self._row(dataset)["proto"])
+        return self.records.get(dataset)
 
     def list(self, page_size: int, page_token: str) -> tuple[list[pb.Dataset], str]:
-        """Newest first. The token is the (create_time, id) of the last row sent, so
-        pages neither skip nor repeat when datasets are added in between."""
-        size = paging.page_size(page_size)
-        if page_token:
-            try:
-                after_time, after_id = json.loads(base64.urlsafe_b64decode(page_token.encode()))
-                after_time, after_id = float(after_time), str(after_id)
-            except (ValueError, TypeError, binascii.Error):
-                raise InvalidArgument(
-                    "page_token is not one this server returned; start again with an empty page_token"
-                ) from None
-            rows = self.store.query(
-                "SELECT id, create_time, proto FROM datasets WHERE create_time < ? OR (create_time = ? AND id < ?) "
-                "ORDER BY create_time DESC, id DESC LIMIT ?", (after_time, after_time, after_id, size + 1))
-        else:
-            rows = self.store.query(
-                "SELECT id, create_time, proto FROM datasets ORDER BY create_time DESC, id DESC LIMIT ?", (size + 1,))
-        page = rows[:size]
-        page = page[: paging.fit(page, lambda r: len(r["proto"]))]
-        token = ""
-        if len(rows) > len(page):
-            last = page[-1]
-            token = base64.urlsafe_b64encode(json.dumps([last["create_time"], last["id"]]).encode()).decode()
-        return [pb.Dataset.FromString(r["proto"]) for r in page], token
+        """Newest first; pages neither skip nor repeat when datasets are added in between."""
+        return self.records.list(page_size, page_token)
 
     def manifest(self, dataset: str) -> Manifest:
-        return Manifest.load(self.manifest_path(self._row(dataset)["id"]))
+        return Manifest.load(self.manifest_path(self.records.get(dataset).id))
 
     # -- delete --
 
     def delete(self, dataset: str) -> None:
         """Removes the row, then HOME/datasets/<id> (uploaded files and the manifest;
         a registered directory under the data root is never touched)."""
-        with self.store.transaction() as conn:
-            # Inside the write transaction: no job can be queued on it between check and delete.
-            row = conn.execute(
-                "SELECT id, name FROM datasets WHERE id = ? OR name = ?", (dataset, dataset)
-            ).fetchone()
-            if row is None:
-                raise NotFound(_not_found(dataset))
-            marks = ",".join("?" * len(_ACTIVE_JOB_STATES))
-            jobs = conn.execute(
-                f"SELECT id FROM jobs WHERE dataset_id IN (?, ?) AND state IN ({marks}) ORDER BY create_time",
-                (row["id"], row["name"], *_ACTIVE_JOB_STATES),
-            ).fetchall()
-            if jobs:
-                ids = ", ".join(j["id"] for j in jobs[:5]) + (" ..." if len(jobs) > 5 else "")
-                raise FailedPrecondition(
-                    f"dataset {row['name']} ({row['id']}) is used by queued or running job(s) {ids}; "
-                    "cancel them (CancelJob) or wait for them to finish, then delete it"
-                )
-            conn.execute("DELETE FROM datasets WHERE id = ?", (row["id"],))
-        _remove(self.dataset_dir(row["id"]))
+        dataset_id = self.records.delete(dataset, _ACTIVE_JOB_STATES)
+        _remove(self.dataset_dir(dataset_id))

@@ -112,10 +112,6 @@ def _remove(path: pathlib.Path) -> None:
             pass
 
 
-def _not_found(dataset: str) -> str:
-    return f"dataset {dataset!r} not found; ListDatasets (tlserve datasets list) shows the datasets there are"
-
-
 def _disk_error(e: OSError, what: str) -> Exception:
     """Disk full is the server's limit; a name the file system refuses is the archive's fault."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
