@@ -4,6 +4,7 @@ on, and the closing `name: value` lines (the required figures last)."""
 from __future__ import annotations
 
 import contextlib
+import math
 import platform
 import time
 from collections.abc import Iterable
@@ -26,6 +27,14 @@ def final_lines(figures: dict[str, float], required: Iterable[str]) -> list[str]
     required = list(required)
     names = [n for n in figures if n not in required] + [n for n in required if n in figures]
     return [f"{name}: {figures[name]:.2f}" for name in names]
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile of an ascending list (0 for an empty one)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, min(len(sorted_values), math.ceil(len(sorted_values) * q / 100)))
+    return sorted_values[rank - 1]
 
 
 def cpu_name() -> str:

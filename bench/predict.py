@@ -368,14 +368,6 @@ async def _load(predict, request: bytes, concurrency: int, seconds: float, warmu
             "latencies_ms": [round(t * 1e3, 3) for t in latencies], "ends_s": [round(t, 5) for t in ends]}
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list (0 for an empty one)."""
-    if not sorted_values:
-        return 0.0
-    rank = max(1, min(len(sorted_values), int(np.ceil(q / 100 * len(sorted_values)))))
-    return sorted_values[rank - 1]
-
-
 class LoadClient:
     """A separate client process (this file with `--load`) holding one channel to the
     server; `run` sends it one measurement and returns its latencies."""
@@ -480,7 +472,7 @@ def paired_load(client: LoadClient, reference: InProcess, concurrency: int, batc
     return {
         "concurrency": concurrency, "calls": calls, "errors": errors, "ramp_s": ramp,
         "images_per_second": calls / measured if measured else 0.0,
-        "p50_ms": percentile(latencies, 50), "p99_ms": percentile(latencies, 99),
+        "p50_ms": common.percentile(latencies, 50), "p99_ms": common.percentile(latencies, 99),
         "inprocess_batch": batch, "inprocess_p50_ms": statistics.median(reference_times) * 1e3,
         "inprocess_images_per_second": batch / statistics.median(reference_times),
         "added_ms": statistics.median(added_ms) if added_ms else float("nan"),
@@ -492,11 +484,11 @@ def paired_load(client: LoadClient, reference: InProcess, concurrency: int, batc
 
 
 def quartiles(values: list[float]) -> tuple[float, float]:
-    """The first and third quartiles, nearest rank as `percentile` (NaN for no values)."""
+    """The first and third quartiles, nearest rank as `common.percentile` (NaN for no values)."""
     if not values:
         return float("nan"), float("nan")
     ordered = sorted(values)
-    return percentile(ordered, 25), percentile(ordered, 75)
+    return common.percentile(ordered, 25), common.percentile(ordered, 75)
 
 
 def spread(iqr: tuple[float, float]) -> str:

@@ -374,14 +374,6 @@ def seconds_between(a, b) -> float:
 # -- the figures ------------------------------------------------------------------------------
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an ascending list (0 for an empty one)."""
-    if not sorted_values:
-        return 0.0
-    rank = max(1, min(len(sorted_values), -(-len(sorted_values) * q // 100)))
-    return sorted_values[int(rank) - 1]
-
-
 def slope_per_minute(points: list[tuple[float, float]]) -> float:
     """Least-squares slope of (seconds, value) points, per minute (0 for fewer than 2)."""
     if len(points) < 2:
@@ -438,7 +430,7 @@ def summarise(clients: list[dict], samples: list[tuple[float, int, int]], metada
         "job_seconds_max": max((j["end"] - j["start"] for j in jobs), default=0.0),
         **flatness(samples, warmup, end, settings.sample_interval_s),
         "predict_per_second": len(measured) / (end - warmup),
-        "predict_p50_ms": percentile(measured, 50), "predict_p99_ms": percentile(measured, 99),
+        "predict_p50_ms": common.percentile(measured, 50), "predict_p99_ms": common.percentile(measured, 99),
         "errors": predict_errors + metadata_errors + len(jobs) - succeeded,
         "resource_exhausted": rejected, "jobs_succeeded": succeeded, "metadata_calls": len(metadata),
     }
@@ -455,7 +447,8 @@ def summarise(clients: list[dict], samples: list[tuple[float, int, int]], metada
         window = [s for s in samples if inside(s[0])]
         rows.append([
             f"{a:.0f}–{b:.0f}" + (" (warm-up)" if i == 0 else ""), len(lat) / (b - a) if b > a else 0.0,
-            percentile(lat, 50), percentile(lat, 99), sum(inside(t) and c == "RESOURCE_EXHAUSTED" for t, c in failures),
+            common.percentile(lat, 50), common.percentile(lat, 99),
+            sum(inside(t) and c == "RESOURCE_EXHAUSTED" for t, c in failures),
             sum(inside(t) and c != "RESOURCE_EXHAUSTED" for t, c in failures),
             sum(inside(t) for t, *_ in metadata), sum(inside(j["end"]) for j in jobs),
             statistics.median(s[1] for s in window) / 2**20 if window else float("nan"),

@@ -7,15 +7,15 @@ import math
 
 import pytest
 
-from bench import predict
+from bench import common, predict
 
 
 def test_percentile_is_nearest_rank():
     values = [float(v) for v in range(1, 101)]
-    assert predict.percentile(values, 50) == 50.0
-    assert predict.percentile(values, 99) == 99.0
-    assert predict.percentile([3.0], 99) == 3.0
-    assert predict.percentile([], 50) == 0.0
+    assert common.percentile(values, 50) == 50.0
+    assert common.percentile(values, 99) == 99.0
+    assert common.percentile([3.0], 99) == 3.0
+    assert common.percentile([], 50) == 0.0
 
 
 def test_headline_figures_take_the_rounds_paired_with_inprocess_ones():
