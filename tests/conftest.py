@@ -57,3 +57,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def make_datasets(tmp_path):
+    """`make_datasets(*flags)`: the Datasets domain object over a fresh home (one per
+    test; extra flags go to Settings), its stores closed afterwards."""
+    from tlserve.service.config import Settings
+    from tlserve.service.datasets import Datasets
+    from tlserve.service.store.metadata import MetadataStore
+
+    stores = []
+
+    def make(*flags: str) -> Datasets:
+        settings = Settings.load(
+            ["--home", str(tmp_path / "home"), "--data-root", str(tmp_path / "data"), *flags], environ={}
+        )
+        settings.resolved_data_root.mkdir(exist_ok=True)
+        store = MetadataStore(settings.database_path)
+        stores.append(store)
+        return Datasets(settings, store)
+
+    yield make
+    for store in stores:
+        store.close()

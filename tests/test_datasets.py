@@ -21,11 +21,9 @@ from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 from tlserve.service import datasets as dsmod
 from tlserve.service.datasets import archive
 from tlserve.service.datasets import upload as upload_module
-from tlserve.service.config import Settings
 from tlserve.service.datasets import Datasets, split_sizes
 from tlserve.service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from tlserve.service.manifest import Manifest
-from tlserve.service.store.metadata import MetadataStore
 from tlserve.service.training.synthetic import write_image_folder
 
 CLASSES = ("diamond", "star")
@@ -36,27 +34,8 @@ W = pb.DatasetWarning
 
 
 @pytest.fixture
-def make(tmp_path):
-    """Datasets over a fresh home; extra flags go to Settings."""
-    stores = []
-
-    def make(*flags: str) -> Datasets:
-        settings = Settings.load(
-            ["--home", str(tmp_path / "home"), "--data-root", str(tmp_path / "data"), *flags], environ={}
-        )
-        settings.resolved_data_root.mkdir(exist_ok=True)
-        store = MetadataStore(settings.database_path)
-        stores.append(store)
-        return Datasets(settings, store)
-
-    yield make
-    for store in stores:
-        store.close()
-
-
-@pytest.fixture
-def ds(make):
-    return make()
+def ds(make_datasets):
+    return make_datasets()
 
 
 @pytest.fixture
@@ -160,8 +139,8 @@ def test_upload_of_each_archive_format_gives_stratified_splits_and_a_manifest(ds
     assert row["path"] == f"datasets/{dataset.id}" and pb.Dataset.FromString(row["proto"]) == dataset
 
 
-def test_same_seed_gives_the_same_splits_and_another_seed_others(make, tmp_path):
-    ds = make()
+def test_same_seed_gives_the_same_splits_and_another_seed_others(make_datasets, tmp_path):
+    ds = make_datasets()
     write_image_folder(tmp_path / "data" / "shapes", CLASSES, 10, size=16, seed=2)
     splits = {}
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
@@ -371,8 +350,8 @@ def test_bad_archive_is_rejected_and_leaves_nothing(ds, folder, case):
     assert snapshot(ds) == before
 
 
-def test_zip_bomb_is_refused_from_its_declared_sizes(make, folder):
-    ds = make("--max-upload-bytes", "100000")  # unpacked bound: 4 x 100000
+def test_zip_bomb_is_refused_from_its_declared_sizes(make_datasets, folder):
+    ds = make_datasets("--max-upload-bytes", "100000")  # unpacked bound: 4 x 100000
     data = _zip_with(folder, lambda zf: zf.writestr(
         zipfile.ZipInfo("star/bomb.png"), b"\0" * 1_000_000, compress_type=zipfile.ZIP_DEFLATED))
     assert len(data) < 100_000
@@ -382,8 +361,8 @@ def test_zip_bomb_is_refused_from_its_declared_sizes(make, folder):
     assert snapshot(ds) == before
 
 
-def test_upload_over_the_size_limits_is_refused(make, folder, tmp_path):
-    ds = make("--max-upload-bytes", "5000")
+def test_upload_over_the_size_limits_is_refused(make_datasets, folder, tmp_path):
+    ds = make_datasets("--max-upload-bytes", "5000")
     data = make_archive(folder, tmp_path / "a.zip").read_bytes()
     before = snapshot(ds)
     with pytest.raises(InvalidArgument, match="metadata.size_bytes .* max_upload_bytes 5000"):
@@ -391,7 +370,7 @@ def test_upload_over_the_size_limits_is_refused(make, folder, tmp_path):
     with pytest.raises(InvalidArgument, match="over the server's max_upload_bytes 5000"):
         upload(ds, data, size=0)  # unknown size: refused while streaming
     assert snapshot(ds) == before
-    ds2 = make()
+    ds2 = make_datasets()
     with pytest.raises(InvalidArgument, match="more than metadata.size_bytes 100"):
         upload(ds2, data, size=100)
     with pytest.raises(InvalidArgument, match=r"received \d+ bytes but metadata.size_bytes"):
@@ -399,8 +378,8 @@ def test_upload_over_the_size_limits_is_refused(make, folder, tmp_path):
     assert snapshot(ds2) == before
 
 
-def test_too_many_entries_is_refused(make, folder, tmp_path):
-    ds = make("--max-dataset-files", "5")
+def test_too_many_entries_is_refused(make_datasets, folder, tmp_path):
+    ds = make_datasets("--max-dataset-files", "5")
     before = snapshot(ds)
     with pytest.raises(InvalidArgument, match="more than 5 entries.*max_dataset_files"):
         upload(ds, make_archive(folder, tmp_path / "a.tar", "tar"))
@@ -452,8 +431,8 @@ def test_a_name_in_use_is_refused(ds, folder, tmp_path):
     assert snapshot(ds) == before
 
 
-def test_an_image_over_the_pixel_limit_is_refused_without_decoding(make, folder, tmp_path, monkeypatch):
-    ds = make("--max-image-pixels", "1000000")
+def test_an_image_over_the_pixel_limit_is_refused_without_decoding(make_datasets, folder, tmp_path, monkeypatch):
+    ds = make_datasets("--max-image-pixels", "1000000")
     big = io.BytesIO()
     Image.new("1", (2000, 1000)).save(big, format="PNG")  # 2 Mpx, a few hundred bytes
     (folder / "star" / "huge.png").write_bytes(big.getvalue())

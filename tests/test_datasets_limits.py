@@ -17,11 +17,9 @@ import grpc
 import pytest
 
 import tlserve.client as tlclient
-from tlserve.service.config import Settings
 from tlserve.service.datasets import MAX_EXPANSION_RATIO, Datasets, archive
 from tlserve.service.datasets import upload as upload_module
 from tlserve.service.errors import InvalidArgument
-from tlserve.service.store.metadata import MetadataStore
 from tlserve.service.training.synthetic import write_image_folder
 from tests.serverproc import ServerProcess
 from tests.test_datasets import CLASSES, W, png_bytes, upload
@@ -35,33 +33,15 @@ BOMB_BYTES = 8 << 20
 
 
 @pytest.fixture
-def make(tmp_path):
-    """Datasets over a fresh home; extra flags go to Settings."""
-    stores = []
-
-    def make(*flags: str) -> Datasets:
-        settings = Settings.load(["--home", str(tmp_path / "home"), "--data-root", str(tmp_path / "data"), *flags],
-                                 environ={})
-        settings.resolved_data_root.mkdir(exist_ok=True)
-        store = MetadataStore(settings.database_path)
-        stores.append(store)
-        return Datasets(settings, store)
-
-    yield make
-    for store in stores:
-        store.close()
-
-
-@pytest.fixture
 def folder(tmp_path):
     """2 classes x 5 images of 16 px."""
     return write_image_folder(tmp_path / "src", CLASSES, 5, size=16, seed=1)
 
 
 @pytest.fixture
-def ds(make, folder):
+def ds(make_datasets, folder):
     """Datasets holding one earlier upload, "kept", that no refusal may touch."""
-    ds = make()
+    ds = make_datasets()
     upload(ds, zip_of(folder), name="kept")
     return ds
 
@@ -178,17 +158,17 @@ def test_an_entry_that_writes_more_than_its_header_declared_is_stopped_and_leave
                        "declares")
 
 
-def test_the_total_is_capped_at_a_multiple_of_max_upload_bytes_within_the_ratio(make, folder):
-    ds = make("--max-upload-bytes", "100000")  # unpacked: at most 4 x 100000
+def test_the_total_is_capped_at_a_multiple_of_max_upload_bytes_within_the_ratio(make_datasets, folder):
+    ds = make_datasets("--max-upload-bytes", "100000")  # unpacked: at most 4 x 100000
     upload(ds, zip_of(folder), name="kept")
     data = zip_of(folder, {"star/noise.png": os.urandom(60_000), "star/zeros.png": b"\0" * 400_000})
     assert len(data) < 100_000 and len(data) * MAX_EXPANSION_RATIO > 460_000  # within the ratio, over the cap
     refused(ds, data, r"unpacks to more than 400000 bytes \(4 x the server's max_upload_bytes")
 
 
-def test_an_archive_of_compressed_images_is_far_inside_the_ratio(make, tmp_path):
+def test_an_archive_of_compressed_images_is_far_inside_the_ratio(make_datasets, tmp_path):
     # JPEGs and PNGs hardly deflate further: a real image archive unpacks to about its size.
-    ds = make()
+    ds = make_datasets()
     src = write_image_folder(tmp_path / "jpegs", CLASSES, 5, size=64, seed=3, image_format="JPEG")
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -218,8 +198,8 @@ def test_files_that_do_not_decode_are_reported_and_not_published(ds, folder):
     assert sum(p.stat().st_size for p in files.rglob("*") if p.is_file()) == dataset.size_bytes
 
 
-def test_a_registered_directorys_undecodable_files_are_skipped_but_left_where_they_are(make, tmp_path):
-    ds = make()
+def test_a_registered_directorys_undecodable_files_are_skipped_but_left_where_they_are(make_datasets, tmp_path):
+    ds = make_datasets()
     root = write_image_folder(tmp_path / "data" / "shapes", CLASSES, 3, size=16)
     (root / "star" / "blob.png").write_bytes(b"not an image")
     dataset = ds.register("shapes", "shapes", None)

@@ -52,12 +52,6 @@ def server(tmp_path_factory):
     assert proc.terminate() == 0, proc.log()
 
 
-@pytest.fixture(scope="module")
-def tl(server):
-    with tlclient.Client(server.address, timeout=60) as c:
-        yield c
-
-
 def code_and_message(call) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(tlclient.TLServeError) as e:
         call()
