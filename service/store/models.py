@@ -11,7 +11,6 @@ file in the artifact store; `Model.artifacts` is filled from those rows.
 from __future__ import annotations
 
 import os
-import pathlib
 import time
 import uuid
 
@@ -21,6 +20,10 @@ from tlserve.service.store import paging
 from tlserve.service.store.artifacts import TEMP_PREFIX, ArtifactStore
 from tlserve.service.store.metadata import MetadataStore
 from tlserve.service.variant import Variant
+
+# The highest version of a name (NULL for a new name): the next one is one more.
+_MAX_VERSION = "SELECT max(version) AS v FROM models WHERE name = ?"
+
 
 def model_dir(name: str, version: int) -> str:
     """Artifact-store directory of one model version."""
@@ -33,8 +36,7 @@ class ModelStore:
         self._artifacts = artifacts
 
     def next_version(self, name: str) -> int:
-        rows = self._store.query("SELECT max(version) AS v FROM models WHERE name = ?", (name,))
-        return (rows[0]["v"] or 0) + 1
+        return (self._store.query(_MAX_VERSION, (name,))[0]["v"] or 0) + 1
 
     def publish_next_version(self, model: pb.Model, artifact: pb.ModelArtifact, data: bytes,
                              variant: Variant) -> pb.Model:
@@ -43,33 +45,27 @@ class ModelStore:
 
         The file is written first under a temporary name beside the name's versions
         (a crash leaves it to `remove_stale_temps`); the version is then taken, the
-        file moved into its folder and the rows inserted in one write transaction,
-        which other publishers wait for."""
+        rows inserted and the file moved into the version's folder in one write
+        transaction, which other publishers wait for."""
         name = model.name
         staged = f"models/{name}/{TEMP_PREFIX}{uuid.uuid4().hex}-{variant.file_name}"
         info = self._artifacts.publish_bytes(data, staged)
-        moved: pathlib.Path | None = None
         try:
             with self._store.transaction() as conn:
-                row = conn.execute("SELECT max(version) AS v FROM models WHERE name = ?", (name,)).fetchone()
-                version = (row["v"] or 0) + 1
+                version = (conn.execute(_MAX_VERSION, (name,)).fetchone()["v"] or 0) + 1
+                ref = pb.ModelRef(name=name, version=version)
+                versioned = pb.Model()
+                versioned.CopyFrom(model)
+                versioned.version = version
+                described = pb.ModelArtifact()
+                described.CopyFrom(artifact)
+                described.model.CopyFrom(ref)
+                described.size_bytes, described.sha256 = info.size_bytes, info.sha256
                 path = f"{model_dir(name, version)}/{variant.file_name}"
-                stored = pb.Model()
-                stored.CopyFrom(model)
-                stored.version = version
-                del stored.artifacts[:]
-                row_artifact = pb.ModelArtifact()
-                row_artifact.CopyFrom(artifact)
-                row_artifact.model.CopyFrom(pb.ModelRef(name=name, version=version))
-                row_artifact.size_bytes, row_artifact.sha256 = info.size_bytes, info.sha256
-                conn.execute(
-                    "INSERT INTO models (name, version, create_time, job_id, proto) VALUES (?, ?, ?, ?, ?)",
-                    (name, version, time.time(), stored.job_id or None, stored.SerializeToString()),
-                )
-                self._insert_artifact(conn, row_artifact, path)
-                moved = self._artifacts.path(path)
-                moved.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(self._artifacts.path(staged), moved)  # last: a failed insert leaves no file behind
+                self._insert(conn, versioned, [(described, path)])
+                final = self._artifacts.path(path)
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self._artifacts.path(staged), final)  # last: a failed insert leaves no file behind
         except BaseException:
             self._artifacts.delete(staged)
             raise
@@ -80,21 +76,25 @@ class ModelStore:
 
         The files must already be published in the artifact store. Fails with
         InvalidArgument if that version exists (callers take `next_version`)."""
-        stored = pb.Model()
-        stored.CopyFrom(model)
-        del stored.artifacts[:]
         with self._store.transaction() as conn:
             if conn.execute(
                 "SELECT 1 FROM models WHERE name = ? AND version = ?", (model.name, model.version)
             ).fetchone():
                 raise InvalidArgument(f"model {model.name} version {model.version} exists already")
-            conn.execute(
-                "INSERT INTO models (name, version, create_time, job_id, proto) VALUES (?, ?, ?, ?, ?)",
-                (model.name, model.version, time.time(), model.job_id or None, stored.SerializeToString()),
-            )
-            for artifact, path in artifacts:
-                self._insert_artifact(conn, artifact, path)
+            self._insert(conn, model, artifacts)
         return self.get(model.name, model.version)
+
+    def _insert(self, conn, model: pb.Model, artifacts: list[tuple[pb.ModelArtifact, str]]) -> None:
+        """The model's row (its artifacts are rows of their own) and its artifacts' rows."""
+        stored = pb.Model()
+        stored.CopyFrom(model)
+        del stored.artifacts[:]
+        conn.execute(
+            "INSERT INTO models (name, version, create_time, job_id, proto) VALUES (?, ?, ?, ?, ?)",
+            (model.name, model.version, time.time(), model.job_id or None, stored.SerializeToString()),
+        )
+        for artifact, path in artifacts:
+            self._insert_artifact(conn, artifact, path)
 
     def add_artifact(self, artifact: pb.ModelArtifact, path: str) -> None:
         """Adds or replaces one artifact of an existing model version."""
