@@ -167,6 +167,12 @@ class TokenTable:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def principal(self, authorization: str) -> Principal | None:
+        """Whose `Bearer <token>` header value this is; None for no bearer token or an
+        unknown one."""
+        token = bearer_token(authorization)
+        return self.authenticate(token) if token else None
+
     def authenticate(self, token: str) -> Principal | None:
         """The principal whose token this is, or None. Every stored digest is compared,
         in constant time each, whether or not an earlier one matched."""

@@ -16,7 +16,7 @@ import logging
 
 import grpc
 
-from tlserve.service.auth import Principal, Role, TokenTable, bearer_token
+from tlserve.service.auth import Role, TokenTable
 
 log = logging.getLogger("tlserve.auth")
 
@@ -93,8 +93,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return grpc.StatusCode.UNAUTHENTICATED, (
                 "this server needs a bearer token: send metadata 'authorization: Bearer <token>' "
                 "(tlserve CLI: --token or TLSERVE_TOKEN)")
-        token = bearer_token(authorization if isinstance(authorization, str) else "")
-        principal: Principal | None = self._tokens.authenticate(token) if token else None
+        principal = self._tokens.principal(authorization if isinstance(authorization, str) else "")
         if principal is None:
             return grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not one this server accepts"
         if not principal.allows(role):

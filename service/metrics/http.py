@@ -20,7 +20,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import prometheus_client
 from prometheus_client import CollectorRegistry
 
-from tlserve.service.auth import Role, TokenTable, bearer_token
+from tlserve.service.auth import Role, TokenTable
 from tlserve.service.config import split_address
 
 # Seconds a connection may take for its handshake and request before it is dropped.
@@ -71,8 +71,7 @@ def _needs_token(app, tokens: TokenTable):
     """`app` behind `authorization: Bearer <token>` with the metrics role (admin has it too)."""
 
     def guarded(environ, start_response):
-        token = bearer_token(environ.get("HTTP_AUTHORIZATION", ""))
-        principal = tokens.authenticate(token) if token else None
+        principal = tokens.principal(environ.get("HTTP_AUTHORIZATION", ""))
         if principal is None or not principal.allows(Role.METRICS):
             status = "401 Unauthorized" if principal is None else "403 Forbidden"
             body = (b"a bearer token with the metrics role is needed\n" if principal is None
