@@ -103,16 +103,6 @@ SETTINGS = {
 # -- through the server ----------------------------------------------------------------
 
 
-def start_server(home: Path, data_root: Path, job_workers: int):
-    """A server running `job_workers` jobs at once, each worker with one thread: on a
-    2-core machine two one-thread jobs finish sooner than two two-thread jobs in turn
-    (small models spend a second thread mostly waiting), and accuracy does not care."""
-    from tests.serverproc import ServerProcess
-
-    return ServerProcess(home, "--data-root", str(data_root), "--log-level", "warning", "--job-workers",
-                         str(job_workers), env={"OMP_NUM_THREADS": "1"}).start()
-
-
 def run_job(tl, request: pb.FineTuneRequest) -> pb.Model:
     """FineTune, wait for the outcome, and the published model (test metrics in it)."""
     return wait_for(tl, tl.fine_tune(request), request)
@@ -307,7 +297,10 @@ def main(args: argparse.Namespace) -> int:
     data_root = work / "data"
     data_root.mkdir()
     torch.set_num_threads(1)  # the reference loops, beside the server's one-thread workers
-    server = start_server(work / "home", data_root, job_workers=2)
+    # Two jobs at once, each worker with one thread: on a 2-core machine two one-thread
+    # jobs finish sooner than two two-thread jobs in turn (small models spend a second
+    # thread mostly waiting), and accuracy does not care.
+    server = common.start_server(work / "home", data_root, "--job-workers", "2", env={"OMP_NUM_THREADS": "1"})
     cells: list[Cell] = []
     int8_deltas: dict[str, float] = {}
     try:

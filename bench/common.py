@@ -37,6 +37,14 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
+def start_server(home: Path, data_root: Path, *flags: str, env: dict[str, str] | None = None):
+    """A real tlserve server in a child process (tests/serverproc.py), quiet, reading
+    datasets from `data_root`; `flags` and `env` are the benchmark's own settings."""
+    from tests.serverproc import ServerProcess
+
+    return ServerProcess(home, "--data-root", str(data_root), "--log-level", "warning", *flags, env=env).start()
+
+
 def cpu_name() -> str:
     """The CPU's model name as /proc/cpuinfo gives it (platform's guess elsewhere)."""
     with contextlib.suppress(OSError):

@@ -113,12 +113,6 @@ SETTINGS = {
 # -- the model, through a real server ---------------------------------------------------
 
 
-def start_server(home: Path, data_root: Path, *extra: str):
-    from tests.serverproc import ServerProcess
-
-    return ServerProcess(home, "--data-root", str(data_root), "--log-level", "warning", *extra).start()
-
-
 def export_all(tl, ref: pb.ModelRef) -> dict[int, pb.ModelArtifact | str]:
     """Each precision's artifact, or, where ExportModel refused to publish it (its parity
     or accuracy check failed: FAILED_PRECONDITION), the server's reason."""
@@ -624,7 +618,7 @@ def main(args: argparse.Namespace) -> int:
         for backbone in settings.backbones:
             home = workdir / backbone / "home"
             home.parent.mkdir()
-            server = start_server(home, data_root)
+            server = common.start_server(home, data_root)
             try:
                 with tlclient.Client(server.address, timeout=120) as tl:
                     t0 = time.perf_counter()
@@ -664,7 +658,7 @@ def main(args: argparse.Namespace) -> int:
                 raise
             finally:
                 server.terminate()
-            server = start_server(home, data_root, "--max-batch-size", "1")
+            server = common.start_server(home, data_root, "--max-batch-size", "1")
             try:
                 off = bench_grpc(server.address, model.name, reference, settings, kinds=("tensor",))
             finally:

@@ -9,7 +9,7 @@ apart), and its memory and open files must stay flat after warm-up.
 
 In order:
 
-1. `start_server`: a real tlserve server (a child process, as an operator runs it, on
+1. `common.start_server`: a real tlserve server (a child process, as an operator runs it, on
    port 0 with its own temporary home), its per-model queue bounded by
    `--max-queue-size` (default: half the clients, so that a burst overflows it and
    Predict answers RESOURCE_EXHAUSTED on purpose: the rejection path soaks too).
@@ -119,14 +119,6 @@ SETTINGS = {
 
 
 # -- the server and its model ----------------------------------------------------------------
-
-
-def start_server(home: Path, data_root: Path, settings: Settings):
-    from tests.serverproc import ServerProcess
-
-    return ServerProcess(
-        home, "--data-root", str(data_root), "--log-level", "warning", "--max-queue-size", str(settings.queue_size),
-    ).start()
 
 
 def finetune_request(dataset_id: str, model_name: str, settings: Settings, epochs: int) -> pb.FineTuneRequest:
@@ -535,7 +527,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         data_root = workdir / "data"
         data_root.mkdir()
-        server = start_server(workdir / "home", data_root, settings)
+        server = common.start_server(workdir / "home", data_root, "--max-queue-size", str(settings.queue_size))
         t = time.monotonic()
         with tlclient.Client(server.address, timeout=120) as tl:
             model, dataset_id = make_model(tl, settings, data_root)
