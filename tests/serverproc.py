@@ -19,6 +19,16 @@ import time
 from collections.abc import Iterator
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs: a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        os.kill(pid, 0)
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (ProcessLookupError, OSError):
+        return False
+    return state != "Z"
+
+
 class ServerProcess:
     def __init__(self, home: pathlib.Path, *extra_args: str, env: dict[str, str] | None = None) -> None:
         self.home = pathlib.Path(home)

@@ -16,6 +16,7 @@ import pytest
 
 from tlserve.service.childproc import run_in_child
 from tlserve.service.errors import Cancelled, NotFound, ResourceExhausted
+from tests.serverproc import alive
 
 
 def square(x: int) -> tuple[int, int]:
@@ -60,15 +61,6 @@ def test_a_child_killed_by_sigkill_is_resource_exhausted_with_the_hint():
         run_in_child(kill_self, None, what="probing", memory_hint="use less")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie has exited
-        return f.read().split(")")[-1].split()[0] != "Z"
-
-
 def test_cancelling_stops_the_child_at_once(tmp_path):
     cancelled = threading.Event()
     pid_file = tmp_path / "pid"
@@ -84,7 +76,7 @@ def test_cancelling_stops_the_child_at_once(tmp_path):
     with pytest.raises(Cancelled, match="sleeping was cancelled"):
         run_in_child(sleep_and_report, str(pid_file), what="sleeping", cancelled=cancelled)
     assert time.monotonic() - start < 30  # not the child's 60 s
-    assert not _alive(int(pid_file.read_text()))
+    assert not alive(int(pid_file.read_text()))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux's")
@@ -102,12 +94,12 @@ def test_the_child_dies_when_its_parent_is_killed(tmp_path):
         while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
             time.sleep(0.05)
         child = int(pid_file.read_text())
-        assert _alive(child)
+        assert alive(child)
         parent.kill()  # kill -9: no cleanup code runs in the parent
         parent.wait()
         deadline = time.monotonic() + 10
-        while _alive(child) and time.monotonic() < deadline:
+        while alive(child) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(child), "the child outlived its killed parent"
+        assert not alive(child), "the child outlived its killed parent"
     finally:
         parent.kill()

@@ -19,7 +19,7 @@ import tlserve.client as tlclient
 from tlserve.service.profiling.profile import MAX_ITERATIONS
 from tlserve.service.store.artifacts import TEMP_PREFIX
 from tests.modelfactory import published_model
-from tests.serverproc import ServerProcess
+from tests.serverproc import ServerProcess, alive
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc for child processes")
 
@@ -39,14 +39,6 @@ def descendants(pid: int) -> set[int]:
         frontier = {child for child, parent in parents.items() if parent in frontier} - found
         found |= frontier
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def tree_digest(root: pathlib.Path) -> dict[str, str]:

@@ -21,7 +21,7 @@ import torchvision
 import tlserve.client as tlclient
 from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 from tlserve.service.training.synthetic import TARGET_SHAPES, write_image_folder
-from tests.serverproc import ServerProcess, serving
+from tests.serverproc import ServerProcess, alive, serving
 
 BACKBONE = "mobilenet_v3_small"
 TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
@@ -262,9 +262,9 @@ def test_kill_9_of_the_server_then_restart_resumes_the_job(tmp_path, data_root):
     server.proc.kill()  # kill -9: no drain, no goodbye
     server.proc.wait()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and alive(pid):
         time.sleep(0.1)
-    assert not _alive(pid), "the worker outlived its server"
+    assert not alive(pid), "the worker outlived its server"
     server = ServerProcess(home, "--data-root", str(data_root)).start()
     try:
         with tlclient.Client(server.address, timeout=60) as tl:
@@ -274,19 +274,6 @@ def test_kill_9_of_the_server_then_restart_resumes_the_job(tmp_path, data_root):
             assert tl.get_model("resumed").lineage.hyperparameters.training.epochs == 6
     finally:
         assert server.terminate() == 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_two_devices_run_under_torchrun_and_publish_one_model(tl, dataset):
