@@ -92,6 +92,17 @@ class Settings:
     epochs: int = 30  # asked of every target job and reference loop
     source_train: int = 150  # source images per class (at most what the set has)
     source_epochs: int = 15
+    only: tuple[str, ...] = ()  # strategies (and "scratch") to run; empty: every one
+
+    def runs(self, label: str) -> bool:
+        return not self.only or label in self.only
+
+    def reference_modes(self) -> tuple[str, ...]:
+        """The reference loops that the strategies run are compared with."""
+        wanted = {mode for label, (_, mode) in STRATEGIES.items() if mode and self.runs(label)}
+        if self.runs(SCRATCH):
+            wanted.add("scratch")
+        return tuple(m for m in reference.MODES if m in wanted)
 
 
 SETTINGS = {
@@ -169,6 +180,8 @@ def run_cell(tl, settings: Settings, real: realdata.RealSet, source: pb.Model, s
         # and the reference loops run here meanwhile.
         queued = []
         for label, (strategy, _) in [*STRATEGIES.items(), (SCRATCH, (S.STRATEGY_FULL, None))]:
+            if not settings.runs(label):
+                continue
             request = request_for(settings, dataset.id, f"{name}-{label}".replace("_", "-"), seed)
             request.strategy = strategy
             if label == SCRATCH:
@@ -176,7 +189,7 @@ def run_cell(tl, settings: Settings, real: realdata.RealSet, source: pb.Model, s
             else:
                 request.weights.model.CopyFrom(pb.ModelRef(name=source.name, version=source.version))
             queued.append((label, request, tl.fine_tune(request)))
-        for mode in reference.MODES:
+        for mode in settings.reference_modes():
             accuracy = reference.run(
                 mode, folder, backbone=settings.backbone, image_size=settings.image_size, epochs=settings.epochs,
                 seed=seed, source_state=None if mode == "scratch" else source_state,
@@ -210,20 +223,21 @@ def shown(values: list[float]) -> str:
 def comparisons(cell: Cell) -> list[tuple[str, str, float, float]]:
     """(strategy, reference mode, ours mean, reference mean) for every compared pair."""
     pairs = [(label, mode) for label, (_, mode) in STRATEGIES.items() if mode] + [(SCRATCH, "scratch")]
-    return [(label, mode, mean(cell.ours[label]), mean(cell.refs[mode])) for label, mode in pairs]
+    return [(label, mode, mean(cell.ours[label]), mean(cell.refs[mode])) for label, mode in pairs if label in cell.ours]
 
 
 def auto_gap(cell: Cell) -> tuple[float, str]:
     """(best strategy's mean − AUTO's mean, the best's name); scratch is not a strategy AUTO may pick."""
-    best = max((label for label in STRATEGIES if label != "auto"), key=lambda label: mean(cell.ours[label]))
+    best = max((label for label in STRATEGIES if label != "auto" and label in cell.ours), key=lambda label: mean(cell.ours[label]))
     return mean(cell.ours[best]) - mean(cell.ours["auto"]), best
 
 
 def figures(cells: list[Cell], int8_deltas: dict[str, float]) -> dict[str, float]:
     out: dict[str, float] = {}
     out["min_strategy_minus_reference_points"] = min(o - r for c in cells for _, _, o, r in comparisons(c))
-    out["auto_gap_to_best_points"] = max(auto_gap(c)[0] for c in cells)
-    three = [c for c in cells if c.size == 3]
+    if all("auto" in c.ours for c in cells):
+        out["auto_gap_to_best_points"] = max(auto_gap(c)[0] for c in cells)
+    three = [c for c in cells if c.size == 3 and "auto" in c.ours and SCRATCH in c.ours]
     for c in three:
         out[f"transfer_minus_scratch_points_3shot_{c.set_name}"] = mean(c.ours["auto"]) - mean(c.ours[SCRATCH])
     if three:
@@ -236,18 +250,21 @@ def figures(cells: list[Cell], int8_deltas: dict[str, float]) -> dict[str, float
 
 def report(cells: list[Cell], settings: Settings, int8_deltas: dict[str, float], notes: list[str]) -> str:
     lines = []
-    labels = [*STRATEGIES, SCRATCH]
+    labels = [label for label in (*STRATEGIES, SCRATCH) if settings.runs(label)]
+    modes = settings.reference_modes()
     for set_name in dict.fromkeys(c.set_name for c in cells):
         rows = []
         for c in (c for c in cells if c.set_name == set_name):
-            rows.append([f"{c.size}", *(shown(c.ours[label]) for label in labels), *(shown(c.refs[m]) for m in reference.MODES),
+            rows.append([f"{c.size}", *(shown(c.ours[label]) for label in labels), *(shown(c.refs[m]) for m in modes),
                          ", ".join(dict.fromkeys(c.auto_choices))])
         lines += [f"\n{set_name}: test top-1 %, per training size (images per class)\n",
-                  common.table(["size", *labels, *(f"plain {m}" for m in reference.MODES), "AUTO chose"], rows)]
+                  common.table(["size", *labels, *(f"plain {m}" for m in modes), "AUTO chose"], rows)]
     rows = []
     for c in cells:
         for label, mode, ours, ref in comparisons(c):
             rows.append([c.set_name, c.size, label, f"plain {mode}", f"{ours:.1f}", f"{ref:.1f}", f"{ours - ref:+.1f}"])
+        if "auto" not in c.ours:
+            continue
         gap, best = auto_gap(c)
         rows.append([c.set_name, c.size, "auto", f"best ({best})", f"{mean(c.ours['auto']):.1f}",
                      f"{mean(c.ours[best]):.1f}", f"{-gap:+.1f}"])
@@ -288,6 +305,12 @@ def main(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, sizes=tuple(args.sizes.split(",")))
     if args.image_size:
         settings = dataclasses.replace(settings, image_size=args.image_size)
+    if args.strategies:
+        only = tuple(args.strategies.split(","))
+        unknown = set(only) - {*STRATEGIES, SCRATCH}
+        if unknown:
+            raise SystemExit(f"--strategies: unknown {sorted(unknown)}; known: {', '.join([*STRATEGIES, SCRATCH])}")
+        settings = dataclasses.replace(settings, only=only)
     if args.seeds:
         settings = dataclasses.replace(settings, few_shot_seeds=args.seeds, seeds=args.seeds)
     started = time.monotonic()
@@ -321,7 +344,8 @@ def main(args: argparse.Namespace) -> int:
                     seeds = settings.few_shot_seeds if size <= FEW_SHOT_MAX else settings.seeds
                     cells.append(run_cell(tl, settings, real, source, state, size, seeds, data_root))
                 largest = max((c for c in cells if c.set_name == real.name), key=lambda c: c.size)
-                int8_deltas[real.name] = int8_delta(tl, largest.auto_model)
+                if largest.auto_model is not None:
+                    int8_deltas[real.name] = int8_delta(tl, largest.auto_model)
     finally:
         server.terminate()
         if not args.keep:
@@ -341,6 +365,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sets", default="", help=f"comma-separated subset of {', '.join(realdata.SETS)}")
     parser.add_argument("--sizes", default="", help="comma-separated images per class, or 'medium'")
     parser.add_argument("--seeds", type=int, default=0, help="seeds per size (0: the settings')")
+    parser.add_argument("--strategies", default="", help=f"comma-separated subset of {', '.join([*STRATEGIES, SCRATCH])}")
     parser.add_argument("--image-size", type=int, default=0, help="input resolution (0: the settings' 32)")
     parser.add_argument("--keep", action="store_true", help="keep the server home and data folders")
     return parser
