@@ -65,7 +65,6 @@ import torch
 from torch import nn
 
 from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
-from tlserve.service import backbones
 
 LARGE_IMAGES_PER_CLASS = 200
 FULL_MIN_TRAINING_IMAGES = 5
