@@ -117,6 +117,35 @@ def test_default_batch_gives_a_few_steps_on_a_tiny_dataset():
     assert _config(num_classes=10, train_images_per_class=500).batch_size == 32
 
 
+def test_a_tiny_set_from_scratch_is_read_over_until_an_epoch_takes_the_minimum_steps():
+    from functools import partial
+
+    from tlserve.service.training.config import MIN_STEPS_PER_EPOCH, epoch_repeats
+
+    scratch = partial(epoch_repeats, from_scratch=True)
+    assert scratch(10, 8) == 4 and scratch(5, 8) == 7  # 40 and 35 reads: 5 steps of 8
+    assert scratch(6, 8) * 6 >= MIN_STEPS_PER_EPOCH * 8
+    assert scratch(32, 8) == 1 and scratch(5000, 32) == 1  # enough steps already
+    assert scratch(127, 32) == 2  # a caller's batch of 32: 3 steps would be too few
+    assert scratch(0, 8) == 1
+    assert epoch_repeats(10, 8, from_scratch=False) == 1  # trained weights: one read an epoch
+
+
+def test_a_repeated_set_reads_every_image_the_same_number_of_times():
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from tlserve.service.training.data import Repeated, make_loader
+
+    five = TensorDataset(torch.arange(5))
+    repeated = Repeated(five, 7)
+    assert len(repeated) == 35 and repeated[12][0].item() == 2
+    batches = [b[0] for b in make_loader(repeated, 8, shuffle=True, device=torch.device("cpu"))]
+    assert len(batches) == 5  # 35 reads: 8, 8, 8, 8, 3
+    assert torch.bincount(torch.cat(batches), minlength=5).tolist() == [7] * 5
+    assert len(Repeated(five, 1)) == 5
+
+
 def test_batchnorm_statistics_are_frozen_only_for_tiny_steps_from_trained_weights():
     def resolved(per_class: float, *, classes: int = 3, scratch: bool = False, devices: int = 0, batch: int = 0,
                  strategy: int = pb.STRATEGY_FULL):

@@ -70,6 +70,23 @@ class ImageDataset(Dataset):
         return torch.tensor([label for _, label in self.samples], dtype=torch.long)  # (N,)
 
 
+class Repeated(Dataset):
+    """`dataset` read `times` times over in one epoch: index i is image i mod n, each
+    read drawing a fresh augmented view (repeated augmentation, timm's
+    RepeatAugSampler; Hoffer et al. 2020), so a tiny training set gives an epoch
+    of several optimiser steps rather than one."""
+
+    def __init__(self, dataset: Dataset, times: int) -> None:
+        self.dataset = dataset
+        self.times = times
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.times
+
+    def __getitem__(self, index: int):
+        return self.dataset[index % len(self.dataset)]
+
+
 # -- transforms ---------------------------------------------------------------
 
 

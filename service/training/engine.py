@@ -56,7 +56,7 @@ from tlserve.service import backbones
 from tlserve.service.errors import InvalidArgument
 from tlserve.service.manifest import Manifest
 from tlserve.service.training import checkpoint, data, protocol, strategies
-from tlserve.service.training.config import TrainConfig
+from tlserve.service.training.config import MIN_STEPS_PER_EPOCH, TrainConfig, epoch_repeats
 from tlserve.service.training.devices import (
     Processes,
     autocast,
@@ -170,22 +170,25 @@ def train_one_epoch(job: _Job, model: nn.Module, epoch: int) -> tuple[float, flo
 
 
 def train_head_one_epoch(job: _Job, cache: FeatureCache, epoch: int) -> tuple[float, float]:
-    """One pass over the cached features through the head alone: each image
-    contributes one of its cached views, drawn per epoch. Same batch size and
-    step count as `train_one_epoch` in one process. -> (mean loss, accuracy)."""
+    """One epoch over the cached features through the head alone: each image is
+    read `job.repeats` times, each read one of its cached views drawn at random.
+    Same batch size and step count as `train_one_epoch` in one process.
+    -> (mean loss, accuracy)."""
     head = job.built.head
     views, count, _ = cache.train.shape
     generator = torch.Generator().manual_seed(job.config.seed * 1_000_003 + epoch)
-    order = torch.randperm(count, generator=generator)  # (N,)
-    view = torch.randint(views, (count,), generator=generator)  # (N,)
+    # `job.repeats` shuffled passes, as the image loader reads a Repeated set.
+    order = torch.cat([torch.randperm(count, generator=generator) for _ in range(job.repeats)])  # (R·N,)
+    view = torch.randint(views, (len(order),), generator=generator)  # (R·N,): a view per read
     batch = job.config.batch_size
-    steps = math.ceil(count / batch)
+    steps = math.ceil(len(order) / batch)
     stats = EpochStats.zeros(job.device)
     params = [p for p in head.parameters() if p.requires_grad]
     for i in range(steps):
         job.check()
-        index = order[i * batch : (i + 1) * batch]
-        features = cache.train[view[index], index].to(job.device, non_blocking=True)  # (B, D)
+        reads = slice(i * batch, (i + 1) * batch)
+        index = order[reads]  # (B,)
+        features = cache.train[view[reads], index].to(job.device, non_blocking=True)  # (B, D)
         labels = cache.train_labels[index].to(job.device, non_blocking=True)  # (B,)
         logits = head(features)  # (B, C)
         _learn(job, stats, params, logits, labels, epoch=epoch, step_in_epoch=i + 1, steps_in_epoch=steps)
@@ -256,6 +259,7 @@ class _Job:
     amp: torch.dtype | None
     progress: Progress
     train_set: data.ImageDataset  # augmented
+    repeats: int  # reads of train_set per epoch (config.epoch_repeats)
     train_eval_set: data.ImageDataset  # the eval transform on training images
     train_loader: DataLoader
     val_loader: DataLoader
@@ -371,6 +375,10 @@ def _prepare(config, manifest, plan, weights, weights_dir, device, procs, progre
     val_set = data.ImageDataset(plan.val, eval_tf)
     test_set = data.ImageDataset(manifest.samples("test"), eval_tf)
     per_process_batch = max(1, config.batch_size // procs.world_size)
+    repeats = epoch_repeats(len(train_set), config.batch_size, from_scratch=config.from_scratch)
+    if repeats > 1:
+        progress.phase(pb.JOB_PHASE_PREPARING, f"each epoch reads the {len(train_set)} training images {repeats} times, "
+                       f"with fresh augmentation each time: at least {MIN_STEPS_PER_EPOCH} steps of {config.batch_size}")
     return _Job(
         config=config,
         manifest=manifest,
@@ -382,9 +390,10 @@ def _prepare(config, manifest, plan, weights, weights_dir, device, procs, progre
         amp=autocast_dtype(config, device),
         progress=progress,
         train_set=train_set,
+        repeats=repeats,
         train_eval_set=train_eval_set,
         train_loader=data.make_loader(
-            train_set, per_process_batch, shuffle=True, device=device, seed=config.seed, rank=procs.rank, world_size=procs.world_size
+            data.Repeated(train_set, repeats), per_process_batch, shuffle=True, device=device, seed=config.seed, rank=procs.rank, world_size=procs.world_size
         ),
         # Evaluation runs on rank 0 alone, over the whole split: no sampler padding
         # duplicates images, and the numbers equal a one-process run's.
