@@ -362,23 +362,14 @@ def two_per_class(tmp_path_factory):
     return synthetic_manifest(tmp_path_factory.mktemp("tiny"), per_split={"train": 2, "val": 2, "test": 2})
 
 
-def test_an_epoch_of_a_tiny_set_from_scratch_takes_the_minimum_steps_on_images_and_cached_features(two_per_class, tmp_path):
+def test_an_epoch_of_a_tiny_set_takes_the_minimum_steps_on_images_and_on_cached_features(two_per_class, tmp_path):
     # 6 training images, batch 4: read 3 times an epoch, 18 reads -> 4, 4, 4, 4, 2.
     # Progressive unfreezing trains the head on cached features in epoch 1 and the
     # top group on images in epoch 2: both epochs take the same 5 steps.
-    config = config_for(pb.STRATEGY_PROGRESSIVE_UNFREEZING, epochs=2, epochs_per_phase=1, patience=0)
-    request = config.source_request()
-    request.weights.scratch.SetInParent()
     events = Events()
-    result = run(dataclasses.replace(config, request=request.SerializeToString(deterministic=True)), two_per_class, tmp_path, events)
+    config = config_for(pb.STRATEGY_PROGRESSIVE_UNFREEZING, epochs=2, epochs_per_phase=1, patience=0)
+    result = run(config, two_per_class, tmp_path, events)
     assert result.epochs_run == 2
     ends = events.epoch_ends()
     assert [e.step for e in ends] == [5, 10] and ends[-1].total_steps == 10
     assert any("each epoch reads the 6 training images 3 times" in e.message for e in events.events)
-
-
-def test_a_tiny_set_from_trained_weights_is_read_once_an_epoch(two_per_class, tmp_path):
-    events = Events()
-    result = run(config_for(pb.STRATEGY_FULL, epochs=2, patience=0), two_per_class, tmp_path, events)
-    assert [e.step for e in events.epoch_ends()] == [2, 4]  # 6 images, batch 4: 4 and 2
-    assert result.epochs_run == 2 and not any("each epoch reads" in e.message for e in events.events)

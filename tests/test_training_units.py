@@ -117,18 +117,23 @@ def test_default_batch_gives_a_few_steps_on_a_tiny_dataset():
     assert _config(num_classes=10, train_images_per_class=500).batch_size == 32
 
 
-def test_a_tiny_set_from_scratch_is_read_over_until_an_epoch_takes_the_minimum_steps():
-    from functools import partial
-
+def test_a_tiny_set_is_read_over_until_an_epoch_takes_the_minimum_steps():
     from tlserve.service.training.config import MIN_STEPS_PER_EPOCH, epoch_repeats
 
-    scratch = partial(epoch_repeats, from_scratch=True)
-    assert scratch(10, 8) == 4 and scratch(5, 8) == 7  # 40 and 35 reads: 5 steps of 8
-    assert scratch(6, 8) * 6 >= MIN_STEPS_PER_EPOCH * 8
-    assert scratch(32, 8) == 1 and scratch(5000, 32) == 1  # enough steps already
-    assert scratch(127, 32) == 2  # a caller's batch of 32: 3 steps would be too few
-    assert scratch(0, 8) == 1
-    assert epoch_repeats(10, 8, from_scratch=False) == 1  # trained weights: one read an epoch
+    assert epoch_repeats(10, 8) == 4 and epoch_repeats(5, 8) == 7  # 40 and 35 reads: 5 steps of 8
+    assert epoch_repeats(6, 6) * 6 >= MIN_STEPS_PER_EPOCH * 6
+    assert epoch_repeats(32, 8) == 1 and epoch_repeats(5000, 32) == 1  # enough steps already
+    assert epoch_repeats(127, 32) == 2  # a caller's batch of 32: 3 steps would be too few
+    assert epoch_repeats(0, 8) == 1
+
+
+def test_a_batch_holds_a_set_of_six_or_more_images_at_most_once():
+    assert _config(num_classes=2, train_images_per_class=3).batch_size == 6  # default 8 -> the 6 images
+    assert _config(num_classes=2, train_images_per_class=2).batch_size == 8  # 4 images: too few for BatchNorm
+    assert _config(num_classes=10, train_images_per_class=3).batch_size == 8  # 30 images
+    request = pb.FineTuneRequest(backbone="resnet18")
+    request.training.batch_size = 32
+    assert _config(request, num_classes=3, train_images_per_class=5).batch_size == 15  # a caller's too
 
 
 def test_a_repeated_set_reads_every_image_the_same_number_of_times():

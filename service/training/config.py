@@ -47,9 +47,11 @@ weights whose steps see fewer than 6 images: it keeps the weights' own
 holdout validation protocol, which needs enough validation images per class
 (`service.training.protocol`). Batch size: 32, or less for a tiny training set
 (the largest power of two that gives at least 4 steps per epoch, at least 8).
-From random weights, a training set smaller than 4 batches is read several times
-an epoch, each read a fresh augmented view, so that every epoch takes at least 4
-steps (`epoch_repeats`; textures at 1 per class from scratch 43 -> 64).
+A training set smaller than 4 batches is read several times an epoch, each read
+a fresh augmented view, so that every epoch takes at least 4 steps
+(`epoch_repeats`; from scratch at 1 per class textures 43 -> 64), and a batch
+holds at most the whole set once where the set has at least 6 images
+(`step_batch`).
 """
 
 from __future__ import annotations
@@ -127,9 +129,8 @@ EPOCHS_PER_PHASE = 3
 CACHED_VIEWS = 8
 PATIENCE = 5
 MAX_BATCH = 32
-# An epoch from random weights takes at least this many optimiser steps: a training
-# set smaller than this many batches is read over several times per epoch
-# (`epoch_repeats`).
+# An epoch takes at least this many optimiser steps: a training set smaller than
+# this many batches is read several times per epoch (`epoch_repeats`).
 MIN_STEPS_PER_EPOCH = 4
 # Below this many images per training step (per process), a job that starts from
 # trained weights keeps their BatchNorm running statistics instead of re-estimating
@@ -152,26 +153,39 @@ def _default_batch_size(num_classes: int, images_per_class: float) -> int:
     return batch
 
 
-def epoch_repeats(train_images: int, batch_size: int, *, from_scratch: bool) -> int:
+def epoch_repeats(train_images: int, batch_size: int) -> int:
     """How many times one epoch reads the training set, each read drawing fresh
-    augmented views: for a job from random weights, enough reads for
-    MIN_STEPS_PER_EPOCH steps of `batch_size` images; otherwise once.
+    augmented views: enough reads for MIN_STEPS_PER_EPOCH steps of `batch_size`.
 
-    The batch-size default stops at 8, so below 32 images an epoch is one to three
-    steps and 30 epochs from scratch are 30 to 90 updates of random weights.
-    Reading the set again within the epoch (repeated augmentation: timm's
-    RepeatAugSampler; Hoffer et al. 2020) gives them at least 4 steps an epoch.
-    Measured on real sets at 1 and 3 images per class, 3 seeds, 30 epochs
-    (docs/benchmarks.md, "accuracy"), from scratch, mean test top-1 once -> with
-    repeats: digits 65.6 -> 67.3 and 80.8 -> 81.3, faces 70.0 -> 69.6 and
-    71.2 -> 77.5, textures 43.2 -> 64.2 and 54.8 -> 66.0. FULL from trained
-    weights gained on digits (67.9 -> 75.7, 82.3 -> 86.9) and textures at 1 (56.6
-    -> 61.4) but one faces split at 3 per class fell from 88 to 56 (mean 88.3 ->
-    77.5): trained weights need few updates, and they keep one read an epoch.
-    Images per epoch grow, not epochs: an explicit `epochs` keeps its meaning."""
-    if not from_scratch or train_images <= 0 or batch_size <= 0:
+    The batch-size default stops at 8, so below 32 images an epoch was one to
+    three steps and 30 epochs were 30 to 90 updates. Reading the set again within
+    the epoch (repeated augmentation: timm's RepeatAugSampler; Hoffer et al. 2020)
+    gives every epoch at least 4. Measured on real sets at 1 and 3 images per
+    class, 3 seeds, 30 epochs (docs/benchmarks.md, "accuracy"), mean test top-1
+    once -> repeated: from scratch digits 65.6 -> 67.3 and 80.8 -> 81.3, faces
+    70.0 -> 69.6 and 71.2 -> 91.7, textures 43.2 -> 64.2 and 54.8 -> 66.0; FULL
+    from trained weights digits 67.9 -> 75.7 and 82.3 -> 86.9, faces 78.3 -> 76.7
+    and 88.3 -> 87.1, textures 56.6 -> 61.4 and 66.9 -> 66.1. Images per epoch
+    grow, not epochs: an explicit `epochs` keeps its meaning."""
+    if train_images <= 0 or batch_size <= 0:
         return 1
     return max(1, math.ceil(MIN_STEPS_PER_EPOCH * batch_size / train_images))
+
+
+def step_batch(train_images: int, batch_size: int) -> int:
+    """The batch size a job trains with: `batch_size`, or the training set's size
+    when the set is smaller and has at least BATCHNORM_FROZEN_BELOW images.
+
+    Read once an epoch, a set smaller than the batch was one step of every image;
+    read several times (`epoch_repeats`), a batch larger than the set holds some
+    images twice, and BatchNorm's batch statistics lean on them: one faces split
+    at 3 per class (6 images) fell from 88 to 56 with FULL at batch 8 and scored
+    85 at batch 6. Below BATCHNORM_FROZEN_BELOW images a step keeps the larger
+    batch (statistics from 2 to 5 images are too few either way, and at 1 per class
+    batches of 8 scored higher: from scratch textures 64.2 against 56.3)."""
+    if BATCHNORM_FROZEN_BELOW <= train_images < batch_size:
+        return train_images
+    return batch_size
 
 
 def default_batchnorm(strategy: int, *, from_scratch: bool, batch_size: int, train_images: float, processes: int) -> str:
@@ -268,6 +282,7 @@ class TrainConfig:
         _check(1 <= epochs <= 1000, "training.epochs", epochs, "in 1..1000")
         batch_size = opt(t, "batch_size", _default_batch_size(num_classes, train_images_per_class))
         _check(1 <= batch_size <= 4096, "training.batch_size", batch_size, "in 1..4096")
+        batch_size = step_batch(round(num_classes * train_images_per_class), batch_size)
         _check(t.optimizer == pb.OPTIMIZER_UNSPECIFIED or t.optimizer in OPTIMIZERS, "training.optimizer", t.optimizer, "an Optimizer value")
         optimizer = OPTIMIZERS.get(t.optimizer, d.optimizer)
         learning_rate = opt(t, "learning_rate", d.learning_rate)

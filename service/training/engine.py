@@ -375,7 +375,7 @@ def _prepare(config, manifest, plan, weights, weights_dir, device, procs, progre
     val_set = data.ImageDataset(plan.val, eval_tf)
     test_set = data.ImageDataset(manifest.samples("test"), eval_tf)
     per_process_batch = max(1, config.batch_size // procs.world_size)
-    repeats = epoch_repeats(len(train_set), config.batch_size, from_scratch=config.from_scratch)
+    repeats = epoch_repeats(len(train_set), config.batch_size)
     if repeats > 1:
         progress.phase(pb.JOB_PHASE_PREPARING, f"each epoch reads the {len(train_set)} training images {repeats} times, "
                        f"with fresh augmentation each time: at least {MIN_STEPS_PER_EPOCH} steps of {config.batch_size}")
