@@ -1,7 +1,7 @@
 """Accuracy on real images: every tlserve strategy and AUTO, through a real server,
 against a plain PyTorch loop on the same images in the same run.
 
-    .venv/bin/python bench/accuracy.py --quick     # about 15 min on 2 CPU cores
+    .venv/bin/python bench/accuracy.py --quick     # 3 (3 seeds) and 10 per class: about 12 min on 2 cores
     .venv/bin/python bench/accuracy.py             # every size, 3 seeds up to 10 per class
 
 The data is real (`bench/realdata.py`: scanned handwritten digits, face and
@@ -78,20 +78,18 @@ STRATEGIES = {
 SCRATCH = "scratch"  # FULL from random weights, compared with the reference "scratch"
 
 
-FEW_SHOT_MAX = 10  # sizes up to this many images per class run `few_shot_seeds` seeds
-
-
 @dataclasses.dataclass(frozen=True)
 class Settings:
     sets: tuple[str, ...]
     sizes: tuple[str, ...]  # images per class: numbers, or "medium" (the set's own)
-    few_shot_seeds: int  # seeds for sizes up to 10 per class
+    few_shot_seeds: int  # seeds for sizes up to `few_shot_max` per class
     seeds: int  # seeds for the others
     backbone: str = "resnet18"
     image_size: int = 32
     epochs: int = 30  # asked of every target job and reference loop
     source_train: int = 150  # source images per class (at most what the set has)
     source_epochs: int = 15
+    few_shot_max: int = 10  # images per class
     only: tuple[str, ...] = ()  # strategies (and "scratch") to run; empty: every one
 
     def runs(self, label: str) -> bool:
@@ -106,7 +104,9 @@ class Settings:
 
 
 SETTINGS = {
-    "quick": Settings(sets=("digits", "faces", "textures"), sizes=("3", "10"), few_shot_seeds=1, seeds=1),
+    # 3 seeds where one seed's split moves a strategy by 10 points or more (3 per
+    # class), one at 10 per class: about 12 minutes on 2 cores.
+    "quick": Settings(sets=("digits", "faces", "textures"), sizes=("3", "10"), few_shot_seeds=3, seeds=1, few_shot_max=3),
     "full": Settings(sets=("digits", "faces", "textures"), sizes=("1", "3", "10", "medium"), few_shot_seeds=3, seeds=1),
 }
 
@@ -305,6 +305,8 @@ def main(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, sizes=tuple(args.sizes.split(",")))
     if args.image_size:
         settings = dataclasses.replace(settings, image_size=args.image_size)
+    if args.source_epochs:
+        settings = dataclasses.replace(settings, source_epochs=args.source_epochs)
     if args.strategies:
         only = tuple(args.strategies.split(","))
         unknown = set(only) - {*STRATEGIES, SCRATCH}
@@ -341,7 +343,7 @@ def main(args: argparse.Namespace) -> int:
                 source, state = sources[key]
                 for size_name in settings.sizes:
                     size = real.medium_per_class if size_name == "medium" else int(size_name)
-                    seeds = settings.few_shot_seeds if size <= FEW_SHOT_MAX else settings.seeds
+                    seeds = settings.few_shot_seeds if size <= settings.few_shot_max else settings.seeds
                     cells.append(run_cell(tl, settings, real, source, state, size, seeds, data_root))
                 largest = max((c for c in cells if c.set_name == real.name), key=lambda c: c.size)
                 if largest.auto_model is not None:
@@ -366,6 +368,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", default="", help="comma-separated images per class, or 'medium'")
     parser.add_argument("--seeds", type=int, default=0, help="seeds per size (0: the settings')")
     parser.add_argument("--strategies", default="", help=f"comma-separated subset of {', '.join([*STRATEGIES, SCRATCH])}")
+    parser.add_argument("--source-epochs", type=int, default=0, help="epochs of each source model (0: the settings' 15)")
     parser.add_argument("--image-size", type=int, default=0, help="input resolution (0: the settings' 32)")
     parser.add_argument("--keep", action="store_true", help="keep the server home and data folders")
     return parser
