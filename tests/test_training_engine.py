@@ -212,15 +212,15 @@ def test_prototype_head_is_the_nearest_class_mean_of_frozen_features(shapes, tmp
 
 
 def test_auto_picks_full_for_a_small_set_with_its_defaults_and_states_why(tmp_path):
-    few = synthetic_manifest(tmp_path / "few", per_split={"train": 4, "val": 2, "test": 2}, seed=3)
+    few = synthetic_manifest(tmp_path / "few", per_split={"train": 15, "val": 2, "test": 2}, seed=3)
     request = pb.FineTuneRequest(backbone="resnet18", image_size=32, seed=1)  # strategy unset: AUTO
     request.training.epochs = 1
-    config = TrainConfig.from_request(request, num_classes=3, train_images_per_class=4, device_type="cpu")
+    config = TrainConfig.from_request(request, num_classes=3, train_images_per_class=15, device_type="cpu")
     result = run(config, few, tmp_path, name="few")
     decision = result.decision
     assert decision.strategy == pb.STRATEGY_FULL and decision.trainable_groups == 5
-    assert decision.images_per_class == 4.0 and decision.chance_accuracy == pytest.approx(CHANCE)
-    assert "4.0 training images per class" in decision.reason and result.config.to_request().strategy == pb.STRATEGY_FULL
+    assert decision.images_per_class == 15.0 and decision.chance_accuracy == pytest.approx(CHANCE)
+    assert "15.0 training images per class" in decision.reason and result.config.to_request().strategy == pb.STRATEGY_FULL
     assert 0.0 <= decision.probe_accuracy <= 1.0 and f"{decision.probe_accuracy:.3f}" in decision.reason
     assert result.config.optimizer == "adamw" and result.config.learning_rate == 3e-4  # FULL's own defaults
 

@@ -370,10 +370,10 @@ def test_probe_is_leave_one_out_nearest_mean():
     "per_class, probe, expected, groups",
     [
         (1, math.nan, pb.STRATEGY_PARTIAL, 3),  # 4 images in all: the top half alone
-        (2, 0.9, pb.STRATEGY_FULL, 5),
-        (3, 0.9, pb.STRATEGY_FULL, 5),
-        (5.9, 0.9, pb.STRATEGY_FULL, 5),
-        (6, 0.1, pb.STRATEGY_PROGRESSIVE_UNFREEZING, 5),  # 6 to 14 per class, whatever the probe says
+        (1.5, 0.9, pb.STRATEGY_FULL, 5),  # under 2 per class, 5 images or more in all: full
+        (1.9, 0.9, pb.STRATEGY_FULL, 5),
+        (2, 0.1, pb.STRATEGY_PROGRESSIVE_UNFREEZING, 5),  # 2 to 14 per class, whatever the probe says
+        (3, 0.9, pb.STRATEGY_PROGRESSIVE_UNFREEZING, 5),
         (14.9, 0.9, pb.STRATEGY_PROGRESSIVE_UNFREEZING, 5),
         (15, 0.9, pb.STRATEGY_FULL, 5),
         (50, 0.9, pb.STRATEGY_FULL, 5),  # small: the probe does not decide
@@ -390,7 +390,7 @@ def test_auto_table(per_class, probe, expected, groups):
 
 
 def test_auto_reason_states_the_probe_numbers():
-    decision = strategies.decide(3, 0.8, num_classes=2, groups_below=4)
+    decision = strategies.decide(20, 0.8, num_classes=2, groups_below=4)
     assert decision.probe_accuracy == 0.8
     assert "0.800 against chance 0.500" in decision.reason and "full fine-tuning" in decision.reason
 
