@@ -199,6 +199,7 @@ def test_a_worker_killed_by_the_kernel_fails_the_job_and_the_server_keeps_servin
         ({"backbone": "resnet9000"}, grpc.StatusCode.INVALID_ARGUMENT, "resnet18"),
         ({"model_name": "../evil"}, grpc.StatusCode.INVALID_ARGUMENT, "model_name"),
         ({"epochs": 0}, grpc.StatusCode.INVALID_ARGUMENT, "epochs"),
+        ({"min_steps_per_epoch": 0}, grpc.StatusCode.INVALID_ARGUMENT, "training.min_steps_per_epoch"),
         ({"devices": 999}, grpc.StatusCode.INVALID_ARGUMENT, "devices"),
         ({"weights": pb.WeightsSource(torchvision="DEFAULT")}, grpc.StatusCode.FAILED_PRECONDITION, "weights"),
         ({"weights": pb.WeightsSource(torchvision="NOPE")}, grpc.StatusCode.INVALID_ARGUMENT, "IMAGENET1K_V1"),
@@ -206,7 +207,7 @@ def test_a_worker_killed_by_the_kernel_fails_the_job_and_the_server_keeps_servin
         ({"weights": pb.WeightsSource(file="absent.pt")}, grpc.StatusCode.NOT_FOUND, "absent.pt"),
         ({"weights": pb.WeightsSource(model=pb.ModelRef(name="ghost"))}, grpc.StatusCode.NOT_FOUND, "ghost"),
     ],
-    ids=["dataset", "backbone", "model_name", "epochs", "devices", "uncached", "weights-name", "file-escape",
+    ids=["dataset", "backbone", "model_name", "epochs", "min-steps", "devices", "uncached", "weights-name", "file-escape",
          "file-absent", "parent-model"],
 )
 def test_bad_finetune_requests_get_a_clear_status_and_queue_nothing(tl, dataset, change, code, fragment):
@@ -215,8 +216,8 @@ def test_bad_finetune_requests_get_a_clear_status_and_queue_nothing(tl, dataset,
     for key, value in change.items():
         if key == "weights":
             request.weights.CopyFrom(value)
-        elif key == "epochs":
-            request.training.epochs = value
+        elif key in ("epochs", "min_steps_per_epoch"):
+            setattr(request.training, key, value)
         else:
             setattr(request, key, value)
     with pytest.raises(tlclient.TLServeError) as e:

@@ -5,7 +5,7 @@ The run is built so that the two must agree to rounding: feature extraction on
 images (not cached, so DDP, DistributedSampler and the per-process batch are all
 in play) with the frozen trunk's BatchNorm in eval mode, no augmentation, no
 dropout, and one full batch per step (24 images: 12 per process, no sampler
-padding). DDP's gradient, the mean of two 12-image means, is then the 24-image
+padding; `min_steps_per_epoch` 1, so the set is read once an epoch). DDP's gradient, the mean of two 12-image means, is then the 24-image
 mean of one process, so the weights differ only by the order of float additions
 (~1e-7 relative): the accuracies must be equal and the losses within 1e-4."""
 
@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["-m", "tlserve.service.training.selfcheck", "--strategy", "FEATURE_EXTRACTION", "--no-cache", "--no-augment",
-        "--epochs", "3", "--batch-size", "24", "--lr", "0.03", "--quiet"]
+        "--epochs", "3", "--batch-size", "24", "--min-steps", "1", "--lr", "0.03", "--quiet"]
 
 
 def _run(prefix: list[str], tmp_path: Path, name: str) -> dict:

@@ -125,6 +125,15 @@ def test_a_tiny_set_is_read_over_until_an_epoch_takes_the_minimum_steps():
     assert epoch_repeats(32, 8) == 1 and epoch_repeats(5000, 32) == 1  # enough steps already
     assert epoch_repeats(127, 32) == 2  # a caller's batch of 32: 3 steps would be too few
     assert epoch_repeats(0, 8) == 1
+    assert epoch_repeats(10, 8, min_steps=1) == 1 and epoch_repeats(10, 8, min_steps=10) == 8
+
+
+def test_min_steps_per_epoch_defaults_to_4_and_a_caller_can_turn_repeats_off():
+    assert _config().min_steps_per_epoch == 4
+    request = pb.FineTuneRequest(backbone="resnet18")
+    request.training.min_steps_per_epoch = 1
+    config = _config(request)
+    assert config.min_steps_per_epoch == 1 and config.to_request().training.min_steps_per_epoch == 1
 
 
 def test_a_batch_holds_a_set_of_six_or_more_images_at_most_once():
@@ -205,6 +214,7 @@ def dataclasses_equal_except_request(a: TrainConfig, b: TrainConfig) -> bool:
         ("training.epochs", lambda r: setattr(r.training, "epochs", 0)),
         ("training.epochs", lambda r: setattr(r.training, "epochs", 1001)),
         ("training.batch_size", lambda r: setattr(r.training, "batch_size", 5000)),
+        ("training.min_steps_per_epoch", lambda r: setattr(r.training, "min_steps_per_epoch", 0)),
         ("training.learning_rate", lambda r: setattr(r.training, "learning_rate", 0.0)),
         ("training.layer_lr_decay", lambda r: setattr(r.training, "layer_lr_decay", 1.5)),
         ("training.momentum", lambda r: setattr(r.training, "momentum", 1.0)),

@@ -49,9 +49,9 @@ holdout validation protocol, which needs enough validation images per class
 (the largest power of two that gives at least 4 steps per epoch, at least 8).
 A training set smaller than 4 batches is read several times an epoch, each read
 a fresh augmented view, so that every epoch takes at least 4 steps
-(`epoch_repeats`; from scratch at 1 per class textures 43 -> 64), and a batch
-holds at most the whole set once where the set has at least 6 images
-(`step_batch`).
+(`epoch_repeats`; from scratch at 1 per class textures 43 -> 64;
+`training.min_steps_per_epoch` sets the 4, and 1 turns it off), and a batch is no
+larger than the set where the set has at least 6 images (`step_batch`).
 """
 
 from __future__ import annotations
@@ -153,9 +153,10 @@ def _default_batch_size(num_classes: int, images_per_class: float) -> int:
     return batch
 
 
-def epoch_repeats(train_images: int, batch_size: int) -> int:
+def epoch_repeats(train_images: int, batch_size: int, min_steps: int = MIN_STEPS_PER_EPOCH) -> int:
     """How many times one epoch reads the training set, each read drawing fresh
-    augmented views: enough reads for MIN_STEPS_PER_EPOCH steps of `batch_size`.
+    augmented views: enough reads for `min_steps` steps of `batch_size`
+    (`training.min_steps_per_epoch`, MIN_STEPS_PER_EPOCH unless set).
 
     The batch-size default stops at 8, so below 32 images an epoch was one to
     three steps and 30 epochs were 30 to 90 updates. Reading the set again within
@@ -169,7 +170,7 @@ def epoch_repeats(train_images: int, batch_size: int) -> int:
     grow, not epochs: an explicit `epochs` keeps its meaning."""
     if train_images <= 0 or batch_size <= 0:
         return 1
-    return max(1, math.ceil(MIN_STEPS_PER_EPOCH * batch_size / train_images))
+    return max(1, math.ceil(min_steps * batch_size / train_images))
 
 
 def step_batch(train_images: int, batch_size: int) -> int:
@@ -177,10 +178,11 @@ def step_batch(train_images: int, batch_size: int) -> int:
     when the set is smaller and has at least BATCHNORM_FROZEN_BELOW images.
 
     Read once an epoch, a set smaller than the batch was one step of every image;
-    read several times (`epoch_repeats`), a batch larger than the set holds some
-    images twice, and BatchNorm's batch statistics lean on them: one faces split
-    at 3 per class (6 images) fell from 88 to 56 with FULL at batch 8 and scored
-    85 at batch 6. Below BATCHNORM_FROZEN_BELOW images a step keeps the larger
+    read several times (`epoch_repeats`), a batch larger than the set holds images
+    twice, and BatchNorm's batch statistics lean on them: one faces split at 3 per
+    class (6 images) fell from 88 to 56 with FULL at batch 8 and scored 85 at
+    batch 6 (the reads of an epoch are shuffled together, so a batch of the set's
+    size can still hold an image twice, but holds each once on average). Below BATCHNORM_FROZEN_BELOW images a step keeps the larger
     batch (statistics from 2 to 5 images are too few either way, and at 1 per class
     batches of 8 scored higher: from scratch textures 64.2 against 56.3)."""
     if BATCHNORM_FROZEN_BELOW <= train_images < batch_size:
@@ -240,6 +242,7 @@ class TrainConfig:
     mixed_precision: str  # "auto", "off", "fp16", "bf16"; always "off" on CPU
     epochs_per_phase: int
     batchnorm_statistics: str  # "update" or "frozen"
+    min_steps_per_epoch: int  # a smaller set is read several times an epoch (epoch_repeats)
     # Augmentation, training images only.
     augment: bool
     crop_min_scale: float
@@ -315,6 +318,8 @@ class TrainConfig:
         _check(t.mixed_precision in PRECISIONS, "training.mixed_precision", t.mixed_precision, "a MixedPrecision value")
         epochs_per_phase = opt(t, "epochs_per_phase", EPOCHS_PER_PHASE)
         _check(1 <= epochs_per_phase <= 1000, "training.epochs_per_phase", epochs_per_phase, "in 1..1000")
+        min_steps = opt(t, "min_steps_per_epoch", MIN_STEPS_PER_EPOCH)
+        _check(1 <= min_steps <= 1000, "training.min_steps_per_epoch", min_steps, "in 1..1000")
         _check(t.batchnorm_statistics in BATCHNORM, "training.batchnorm_statistics", t.batchnorm_statistics, "a BatchNormStatistics value")
         batchnorm = BATCHNORM[t.batchnorm_statistics]
         if batchnorm == "auto":
@@ -364,6 +369,7 @@ class TrainConfig:
             mixed_precision="off" if device_type == "cpu" else PRECISIONS[t.mixed_precision],
             epochs_per_phase=epochs_per_phase,
             batchnorm_statistics=batchnorm,
+            min_steps_per_epoch=min_steps,
             augment=opt(a, "enabled", d.augmentation),
             crop_min_scale=min_scale,
             horizontal_flip=opt(a, "horizontal_flip", HORIZONTAL_FLIP),
@@ -426,6 +432,7 @@ class TrainConfig:
         t.mixed_precision = {v: k for k, v in PRECISIONS.items()}[self.mixed_precision]
         t.epochs_per_phase = self.epochs_per_phase
         t.batchnorm_statistics = {v: k for k, v in BATCHNORM.items() if k}[self.batchnorm_statistics]
+        t.min_steps_per_epoch = self.min_steps_per_epoch
         a = request.augmentation
         a.enabled = self.augment
         a.random_crop_min_scale = self.crop_min_scale

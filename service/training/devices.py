@@ -1,5 +1,5 @@
 """Where a job trains: the device's mixed precision, the processes under torchrun
-(`Processes`, `setup_processes`, `broadcast`), and seeding."""
+(`Processes`, `setup_processes`, `broadcast`, `wrap_ddp`), and seeding."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import random
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from tlserve.service.training.config import TrainConfig
 
@@ -64,6 +66,29 @@ def broadcast(values: list[float], procs: Processes, device: torch.device) -> li
     tensor = torch.tensor(values, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
     dist.broadcast(tensor, src=0)
     return tensor.tolist()
+
+
+def wrap_ddp(model: nn.Module, image: torch.Tensor, device: torch.device) -> nn.Module:
+    """DDP over `model` for its current set of trainable parameters (DDP records
+    them at construction: a new phase of progressive unfreezing needs a new wrapper).
+    `find_unused_parameters` costs a graph walk per step, so only when a trainable
+    parameter gets no gradient (checked once, on `image` (3, H, W), in eval mode so
+    that BatchNorm statistics stay untouched)."""
+    unused = _has_unused_parameters(model, image, device)
+    if device.type == "cuda":
+        return DistributedDataParallel(model, device_ids=[device.index], find_unused_parameters=unused)
+    return DistributedDataParallel(model, find_unused_parameters=unused)
+
+
+def _has_unused_parameters(model: nn.Module, image: torch.Tensor, device: torch.device) -> bool:
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    model(image.unsqueeze(0).to(device)).float().sum().backward()  # (1, C)
+    unused = any(p.grad is None for p in model.parameters() if p.requires_grad)
+    model.zero_grad(set_to_none=True)
+    for module, training in was_training.items():
+        module.train(training)
+    return unused
 
 
 def seed_everything(seed: int) -> None:

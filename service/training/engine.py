@@ -48,7 +48,6 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
@@ -56,7 +55,7 @@ from tlserve.service import backbones
 from tlserve.service.errors import InvalidArgument
 from tlserve.service.manifest import Manifest
 from tlserve.service.training import checkpoint, data, protocol, strategies
-from tlserve.service.training.config import MIN_STEPS_PER_EPOCH, TrainConfig, epoch_repeats
+from tlserve.service.training.config import TrainConfig, epoch_repeats
 from tlserve.service.training.devices import (
     Processes,
     autocast,
@@ -65,6 +64,7 @@ from tlserve.service.training.devices import (
     seed_everything,
     setup_processes,
     to_device,
+    wrap_ddp,
 )
 from tlserve.service.training.features import FeatureCache, build_feature_cache, frozen_features
 from tlserve.service.training.evaluation import report_from_predictions
@@ -375,10 +375,10 @@ def _prepare(config, manifest, plan, weights, weights_dir, device, procs, progre
     val_set = data.ImageDataset(plan.val, eval_tf)
     test_set = data.ImageDataset(manifest.samples("test"), eval_tf)
     per_process_batch = max(1, config.batch_size // procs.world_size)
-    repeats = epoch_repeats(len(train_set), config.batch_size)
+    repeats = epoch_repeats(len(train_set), config.batch_size, config.min_steps_per_epoch)
     if repeats > 1:
         progress.phase(pb.JOB_PHASE_PREPARING, f"each epoch reads the {len(train_set)} training images {repeats} times, "
-                       f"with fresh augmentation each time: at least {MIN_STEPS_PER_EPOCH} steps of {config.batch_size}")
+                       f"with fresh augmentation each time: at least {config.min_steps_per_epoch} steps of {config.batch_size}")
     return _Job(
         config=config,
         manifest=manifest,
@@ -541,7 +541,7 @@ def train(job: _Job, decision, state: dict | None, ckpt_path: Path, fingerprint:
             train_loss, train_acc = train_head_one_epoch(job, cache, epoch)
         else:
             if procs.distributed and ddp is None:
-                ddp = _wrap_ddp(job)
+                ddp = wrap_ddp(built.model, job.train_eval_set[0][0], job.device)
             train_loss, train_acc = train_one_epoch(job, ddp or built.model, epoch)
 
         job.progress.phase(pb.JOB_PHASE_EVALUATING, f"epoch {epoch + 1}: evaluating on val", epoch=epoch + 1)
@@ -605,31 +605,6 @@ def train(job: _Job, decision, state: dict | None, ckpt_path: Path, fingerprint:
             break
     epochs_run = len(history)
     return finish(job, decision, best_state=best_state, best_epoch=best_epoch, epochs_run=epochs_run)
-
-
-def _wrap_ddp(job: _Job) -> nn.Module:
-    """DDP over the model for the current set of trainable parameters (DDP records
-    them at construction: a new phase of progressive unfreezing needs a new wrapper).
-    `find_unused_parameters` costs a graph walk per step, so only when a trainable
-    parameter gets no gradient (checked once, on one batch, in eval mode so that
-    BatchNorm statistics stay untouched)."""
-    model = job.built.model
-    unused = _has_unused_parameters(model, job.train_eval_set, job.device)
-    if job.device.type == "cuda":
-        return DistributedDataParallel(model, device_ids=[job.device.index], find_unused_parameters=unused)
-    return DistributedDataParallel(model, find_unused_parameters=unused)
-
-
-def _has_unused_parameters(model: nn.Module, dataset, device: torch.device) -> bool:
-    was_training = {m: m.training for m in model.modules()}
-    model.eval()
-    images = torch.stack([dataset[0][0]]).to(device)  # (1, 3, H, W)
-    model(images).float().sum().backward()
-    unused = any(p.grad is None for p in model.parameters() if p.requires_grad)
-    model.zero_grad(set_to_none=True)
-    for module, training in was_training.items():
-        module.train(training)
-    return unused
 
 
 def _cpu_copy(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

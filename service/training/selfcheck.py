@@ -65,6 +65,8 @@ def main(args: argparse.Namespace) -> int:
                                  image_size=args.size, seed=args.seed, devices=int(os.environ.get("WORLD_SIZE", "1")))
     request.training.epochs = args.epochs
     request.training.batch_size = args.batch_size
+    if args.min_steps:
+        request.training.min_steps_per_epoch = args.min_steps
     request.training.learning_rate = args.lr
     request.training.cache_features = args.cache
     request.training.head_dropout = 0.0
@@ -99,6 +101,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--min-steps", type=int, default=0, help="training.min_steps_per_epoch (0: unset, the default 4)")
     parser.add_argument("--cache", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--size", type=int, default=32)

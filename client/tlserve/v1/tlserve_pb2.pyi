@@ -532,7 +532,7 @@ class EarlyStopping(_message.Message):
     def __init__(self, metric: _Optional[_Union[StopMetric, str]] = ..., patience: _Optional[int] = ..., min_delta: _Optional[float] = ...) -> None: ...
 
 class TrainingOptions(_message.Message):
-    __slots__ = ("epochs", "batch_size", "optimizer", "learning_rate", "layer_lr_decay", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "head_dropout", "grad_clip_norm", "early_stopping", "cache_features", "cached_views", "mixed_precision", "epochs_per_phase", "batchnorm_statistics")
+    __slots__ = ("epochs", "batch_size", "optimizer", "learning_rate", "layer_lr_decay", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "head_dropout", "grad_clip_norm", "early_stopping", "cache_features", "cached_views", "mixed_precision", "epochs_per_phase", "batchnorm_statistics", "min_steps_per_epoch")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
@@ -552,6 +552,7 @@ class TrainingOptions(_message.Message):
     MIXED_PRECISION_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_PER_PHASE_FIELD_NUMBER: _ClassVar[int]
     BATCHNORM_STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    MIN_STEPS_PER_EPOCH_FIELD_NUMBER: _ClassVar[int]
     epochs: int
     batch_size: int
     optimizer: Optimizer
@@ -571,7 +572,8 @@ class TrainingOptions(_message.Message):
     mixed_precision: MixedPrecision
     epochs_per_phase: int
     batchnorm_statistics: BatchNormStatistics
-    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., learning_rate: _Optional[float] = ..., layer_lr_decay: _Optional[float] = ..., momentum: _Optional[float] = ..., nesterov: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., schedule: _Optional[_Union[LrSchedule, str]] = ..., warmup_epochs: _Optional[float] = ..., label_smoothing: _Optional[float] = ..., head_dropout: _Optional[float] = ..., grad_clip_norm: _Optional[float] = ..., early_stopping: _Optional[_Union[EarlyStopping, _Mapping]] = ..., cache_features: _Optional[bool] = ..., cached_views: _Optional[int] = ..., mixed_precision: _Optional[_Union[MixedPrecision, str]] = ..., epochs_per_phase: _Optional[int] = ..., batchnorm_statistics: _Optional[_Union[BatchNormStatistics, str]] = ...) -> None: ...
+    min_steps_per_epoch: int
+    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., learning_rate: _Optional[float] = ..., layer_lr_decay: _Optional[float] = ..., momentum: _Optional[float] = ..., nesterov: _Optional[bool] = ..., weight_decay: _Optional[float] = ..., schedule: _Optional[_Union[LrSchedule, str]] = ..., warmup_epochs: _Optional[float] = ..., label_smoothing: _Optional[float] = ..., head_dropout: _Optional[float] = ..., grad_clip_norm: _Optional[float] = ..., early_stopping: _Optional[_Union[EarlyStopping, _Mapping]] = ..., cache_features: _Optional[bool] = ..., cached_views: _Optional[int] = ..., mixed_precision: _Optional[_Union[MixedPrecision, str]] = ..., epochs_per_phase: _Optional[int] = ..., batchnorm_statistics: _Optional[_Union[BatchNormStatistics, str]] = ..., min_steps_per_epoch: _Optional[int] = ...) -> None: ...
 
 class AugmentationOptions(_message.Message):
     __slots__ = ("enabled", "random_crop_min_scale", "horizontal_flip", "rotation_degrees", "color_jitter")
