@@ -78,18 +78,20 @@ STRATEGIES = {
 SCRATCH = "scratch"  # FULL from random weights, compared with the reference "scratch"
 
 
+FEW_SHOT_MAX = 10  # sizes up to this many images per class run `few_shot_seeds` seeds
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     sets: tuple[str, ...]
     sizes: tuple[str, ...]  # images per class: numbers, or "medium" (the set's own)
-    few_shot_seeds: int  # seeds for sizes up to `few_shot_max` per class
+    few_shot_seeds: int  # seeds for sizes up to FEW_SHOT_MAX per class
     seeds: int  # seeds for the others
     backbone: str = "resnet18"
     image_size: int = 32
     epochs: int = 30  # asked of every target job and reference loop
     source_train: int = 150  # source images per class (at most what the set has)
     source_epochs: int = 15
-    few_shot_max: int = 10  # images per class
     only: tuple[str, ...] = ()  # strategies (and "scratch") to run; empty: every one
 
     def runs(self, label: str) -> bool:
@@ -343,7 +345,7 @@ def main(args: argparse.Namespace) -> int:
                 source, state = sources[key]
                 for size_name in settings.sizes:
                     size = real.medium_per_class if size_name == "medium" else int(size_name)
-                    seeds = settings.few_shot_seeds if size <= settings.few_shot_max else settings.seeds
+                    seeds = settings.few_shot_seeds if size <= FEW_SHOT_MAX else settings.seeds
                     cells.append(run_cell(tl, settings, real, source, state, size, seeds, data_root))
                 largest = max((c for c in cells if c.set_name == real.name), key=lambda c: c.size)
                 if largest.auto_model is not None:

@@ -10,7 +10,8 @@ The story, on real scanned handwriting that ships inside scikit-learn (no
 downloads): a source task of telling the digits 0 to 4 apart, and a one-shot
 target task, the digits 5 to 9 with one scanned example each. Train a source
 model from scratch, then transfer it to the target task, and also train the
-target task from scratch; print both test accuracies and the gain side by side. Then export the transferred model to ONNX (FP32, checked
+target task from scratch; print both test accuracies and the gain side by side.
+Then export the transferred model to ONNX (FP32, checked
 against PyTorch on real images, and INT8 with its accuracy cost measured),
 download it, and classify a few test images through Predict. Last, the
 trade-off report: every variant of the transferred model profiled on this

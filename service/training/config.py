@@ -182,9 +182,10 @@ def step_batch(train_images: int, batch_size: int) -> int:
     twice, and BatchNorm's batch statistics lean on them: one faces split at 3 per
     class (6 images) fell from 88 to 56 with FULL at batch 8 and scored 85 at
     batch 6 (the reads of an epoch are shuffled together, so a batch of the set's
-    size can still hold an image twice, but holds each once on average). Below BATCHNORM_FROZEN_BELOW images a step keeps the larger
-    batch (statistics from 2 to 5 images are too few either way, and at 1 per class
-    batches of 8 scored higher: from scratch textures 64.2 against 56.3)."""
+    size can still hold an image twice, but holds each once on average). Below
+    BATCHNORM_FROZEN_BELOW images a step keeps the larger batch (statistics from 2
+    to 5 images are too few either way, and at 1 per class batches of 8 scored
+    higher: from scratch textures 64.2 against 56.3)."""
     if BATCHNORM_FROZEN_BELOW <= train_images < batch_size:
         return train_images
     return batch_size
