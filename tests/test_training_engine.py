@@ -211,6 +211,26 @@ def test_prototype_head_is_the_nearest_class_mean_of_frozen_features(shapes, tmp
     assert result.epochs_run == 1 and result.best_epoch == 1
 
 
+def test_feature_extraction_with_one_image_per_class_imprints_the_class_means(tmp_path):
+    one = synthetic_manifest(tmp_path / "one", per_split={"train": 1, "val": 1, "test": 2}, seed=2)
+    events = Events()
+    result = run(config_for(pb.STRATEGY_FEATURE_EXTRACTION), one, tmp_path, events, name="one")
+    assert any(e.message.startswith("one image per class: the head is imprinted") for e in events.events)
+    assert not any(e.message.startswith("fitting the head") for e in events.events)
+    built = backbones.build("resnet18", 3, weights=NONE, weights_dir="/x", image_size=32)
+    built.model.load_state_dict(result.state_dict)
+    from tlserve.service.training import data
+
+    loader = data.make_loader(data.ImageDataset(one.samples("train"), data.eval_transform(result.preprocessing)), 8,
+                              shuffle=False, device=torch.device("cpu"))
+    features, labels = extract_features(built.trunk, loader, torch.device("cpu"), None, lambda: None)
+    # Augmentation off: one view of one image per class, so the head ranks classes as
+    # the Euclidean distance to each image's features does.
+    queries = torch.randn(50, features.shape[1], generator=torch.Generator().manual_seed(0)).abs()
+    logits = built.head[1](queries)
+    assert torch.equal(logits.argmax(1), torch.cdist(queries, features[labels.argsort()]).argmin(1))
+
+
 def test_auto_picks_full_for_a_small_set_with_its_defaults_and_states_why(tmp_path):
     few = synthetic_manifest(tmp_path / "few", per_split={"train": 15, "val": 2, "test": 2}, seed=3)
     request = pb.FineTuneRequest(backbone="resnet18", image_size=32, seed=1)  # strategy unset: AUTO

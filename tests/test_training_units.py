@@ -335,6 +335,31 @@ def test_gaussian_prototype_stays_finite_with_fewer_images_than_dimensions():
     assert torch.equal((features @ weight.T + bias).argmax(1), labels)  # its own images are nearest their means
 
 
+def test_one_image_per_class_gets_the_isotropic_metric_whatever_its_views_spread():
+    # One image per class, 8 views each that vary along the first 3 dimensions only:
+    # those views say how crops of one image move, not how a class spreads, so the
+    # head must be plain nearest class mean, not a metric that discounts those dimensions.
+    generator = torch.Generator().manual_seed(4)
+    centres = torch.randn(4, 10, generator=generator) * 3
+    images = torch.arange(4).repeat(8)  # (32,): view v of image i is row v·4 + i
+    jitter = torch.zeros(32, 10)
+    jitter[:, :3] = torch.randn(32, 3, generator=generator) * 5
+    features = centres[images] + jitter
+    weight, bias = strategies.gaussian_prototype_weights(features, images, 4, images)
+    means = torch.stack([features[images == c].mean(0) for c in range(4)])
+    queries = torch.randn(200, 10, generator=generator) * 4
+    assert torch.equal((queries @ weight.T + bias).argmax(1), torch.cdist(queries, means).argmin(1))
+    # Treating the views as images instead would discount the first 3 dimensions.
+    per_view, per_view_bias = strategies.gaussian_prototype_weights(features, images, 4)
+    assert not torch.equal((queries @ per_view.T + per_view_bias).argmax(1), torch.cdist(queries, means).argmin(1))
+
+
+def test_images_per_class_counts_images_not_views():
+    labels = torch.tensor([0, 0, 1, 2])  # images 0, 1 of class 0; 2 of class 1; 3 of class 2
+    images = torch.arange(4).repeat(3)
+    assert strategies.images_per_class(labels.repeat(3), images, 4).tolist() == [2, 1, 1, 0]
+
+
 def test_linear_probe_folds_keep_every_view_of_an_image_together():
     labels = torch.arange(12) % 2  # 12 images, 2 classes
     groups = torch.arange(12).repeat(4)  # 4 views each

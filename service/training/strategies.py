@@ -245,39 +245,70 @@ def ledoit_wolf_shrinkage(z: torch.Tensor) -> float:
     return 0.0 if delta <= 0 else (beta / delta).item()
 
 
-def gaussian_prototype_weights(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linear weights for nearest class mean in the Mahalanobis metric of the classes'
-    shared covariance Σ (linear discriminant analysis with equal priors):
+def images_per_class(labels: torch.Tensor, images: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C,) the number of distinct images of each class, from rows (N,) that are views of
+    images: `labels` (N,) and `images` (N,), the image each row is a view of."""
+    image_labels = torch.full((int(images.max()) + 1 if len(images) else 0,), -1, dtype=torch.long)
+    image_labels[images.cpu()] = labels.cpu()
+    return torch.bincount(image_labels[image_labels >= 0], minlength=num_classes)
+
+
+def gaussian_prototype_weights(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, images: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear weights for nearest class mean in the metric of the classes' shared
+    covariance Σ (linear discriminant analysis with equal priors):
     argmin_c (x − μ_c)ᵀΣ⁻¹(x − μ_c) = argmax_c (Σ⁻¹μ_c)·x − ½ μ_cᵀΣ⁻¹μ_c.
 
-    Σ is the pooled within-class covariance of `features` (N, D), each dimension
-    standardised, shrunk towards the identity by the Ledoit-Wolf intensity (a few
-    images cannot estimate D² entries), then scaled back. -> ((C, D), (C,))."""
+    Σ is the pooled within-class covariance of `features` (N, D), shrunk towards
+    (trace/D)·I, the isotropic metric of plain nearest class mean. The shrinkage is the
+    Ledoit-Wolf intensity of the spread between *images* of a class: `images` (N,)
+    gives the image each row is a view of (None: every row its own image), and each
+    image counts once, by the mean of its views, since augmented views of one image are
+    not independent samples of its class. With no class holding two images there is no
+    such spread to estimate and the metric is isotropic (intensity 1): on real one-shot
+    faces, trusting the spread of one image's augmented views instead cost 12 points
+    against plain nearest class mean (docs/benchmarks.md). Dimensions are scaled by
+    one common factor, not each by its own spread, for the same reason. -> ((C, D), (C,))."""
     x = features.double()
+    if images is None:
+        images = torch.arange(len(x), device=x.device)
+    images = images.to(x.device)
     means, counts = class_means(x, labels, num_classes)  # (C, D), (C,)
     centred = x - means[labels]  # (N, D)
-    scale = centred.std(dim=0, unbiased=False)  # (D,)
-    scale = torch.where(scale > 1e-6 * scale.max().clamp(min=1e-30), scale, torch.ones_like(scale))
+    scale = centred.pow(2).mean().sqrt()
+    scale = scale if scale > 0 else torch.ones_like(scale)
     z = centred / scale
-    alpha = ledoit_wolf_shrinkage(z)
     dof = max(1, len(x) - int((counts > 0).sum()))
-    covariance = z.T @ z / dof  # (D, D), standardised
+    covariance = z.T @ z / dof  # (D, D)
+    # One row per image: the mean of its views, less its class mean.
+    image_count = int(images.max()) + 1 if len(images) else 0
+    image_means = torch.zeros(image_count, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, images, z)
+    image_means /= torch.bincount(images, minlength=image_count).clamp(min=1)[:, None]
+    image_labels = torch.zeros(image_count, dtype=torch.long, device=x.device)
+    image_labels[images] = labels.to(x.device)
+    per_class = images_per_class(labels, images, num_classes).to(x.device)
+    spread = image_means[per_class[image_labels] > 1]  # images of classes with two or more
+    alpha = ledoit_wolf_shrinkage(spread) if len(spread) else 1.0
     identity = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
     covariance = (1 - alpha) * covariance + alpha * (torch.trace(covariance) / x.shape[1]) * identity
-    covariance = scale[:, None] * covariance * scale[None, :]
-    weight = torch.linalg.solve(covariance, means.T).T  # (C, D): Σ⁻¹μ_c
+    if torch.trace(covariance) <= 0:  # every view identical to its class mean
+        covariance = identity
+    weight = torch.linalg.solve(covariance, means.T / scale).T / scale  # (C, D): Σ⁻¹μ_c
     bias = -0.5 * (weight * means).sum(dim=1)  # (C,)
     return weight.float(), bias.float()
 
 
-def set_prototype_head(built, features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
-    set_head(built, *gaussian_prototype_weights(features, labels, num_classes))
+def set_prototype_head(
+    built, features: torch.Tensor, labels: torch.Tensor, num_classes: int, images: torch.Tensor | None = None
+) -> None:
+    set_head(built, *gaussian_prototype_weights(features, labels, num_classes, images))
 
 
 # -- the linear probe ------------------------------------------------------------
 
-# L2 strengths that cross-validation chooses from. Features are standardised first, so
-# one grid suits every backbone's width; 10× steps around the usual 1e-2.
+# L2 strengths that cross-validation chooses from. Features are centred and scaled to
+# unit spread first, so one grid suits every backbone; 10× steps around the usual 1e-2.
 LINEAR_PROBE_WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 LINEAR_PROBE_DEFAULT_WEIGHT_DECAY = 1e-2  # where a class has too few images for folds
 LINEAR_PROBE_FOLDS = 3
@@ -317,7 +348,7 @@ def fit_linear_probe(
     groups: torch.Tensor | None = None,
 ) -> LinearProbe:
     """Multinomial logistic regression on frozen features (N, D), each dimension
-    standardised with the training mean and std: full-batch L-BFGS (strong Wolfe line
+    centred on the training mean and scaled by their overall std: full-batch L-BFGS (strong Wolfe line
     search) from zero weights on mean cross-entropy + weight_decay/2·‖W‖² (the bias is
     not decayed). The objective is strictly convex, so the fit is its unique optimum:
     the same weights for the same features, whatever ran before. It runs where
@@ -339,9 +370,12 @@ def fit_linear_probe(
 
 def _fit_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float) -> LinearProbe:
     mean = x.mean(dim=0)  # (D,)
-    std = x.std(dim=0, unbiased=False)  # (D,)
-    # A constant dimension (std 0, or float noise far below the others) is centred, not scaled.
-    std = torch.where(std > 1e-6 * std.max().clamp(min=1e-30), std, torch.ones_like(std))
+    # One scale for every dimension, the features' overall spread: each dimension scaled
+    # by its own std would blow quiet units (a few images can't estimate their std) up
+    # to the loud ones' size. On real few-shot faces and textures the common scale
+    # scored 3 to 5 points higher (docs/benchmarks.md).
+    std = (x - mean).pow(2).mean().sqrt()
+    std = std if std > 0 else torch.ones_like(std)
     z = (x - mean) / std  # (N, D)
     weight = torch.zeros(num_classes, x.shape[1], device=x.device, requires_grad=True)
     bias = torch.zeros(num_classes, device=x.device, requires_grad=True)
