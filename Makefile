@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow demo protos bench perf-analyzer clean
+.PHONY: setup test test-slow demo protos sync-client bench perf-analyzer clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ demo: setup
 # Regenerate client/tlserve/** from protos/ (tests/test_protos.py checks they are fresh).
 protos: setup
 	$(PY) scripts/gen_protos.py
+
+# client/_client.py (the sync Client) is written from client/_aio.py: edit that one.
+sync-client: setup
+	$(PY) scripts/gen_sync_client.py
 
 # Triton's perf_analyzer into var/tools/perf_analyzer (bench/predict.py uses it there).
 perf-analyzer: setup

@@ -1,61 +1,54 @@
-"""The asyncio tlserve client: `Client`'s methods as coroutines over a grpc.aio channel.
-
-For services written with asyncio:
+"""The asyncio tlserve client, `AsyncClient`: one typed coroutine per RPC of
+tlserve.v1.TLServe over a grpc.aio channel. For services written with asyncio:
 
     async with AsyncClient("tlserve:50051") as tl:
         job = await tl.fine_tune(dataset="flowers", model_name="flowers", backbone="resnet18")
         async for event in tl.watch_job(job.id):
             print(event.epoch, event.val_accuracy)
 
-Requests are built, archives prepared and downloads verified by the same
-helpers in `_common` that the sync client uses; only the call wrappers differ.
-Server streams come back as async iterators. Create the client inside the
-event loop that uses it (a grpc.aio channel belongs to one loop).
+Methods take friendly keywords, build the request with the helpers in `_common`,
+and return the generated proto messages. Unary calls carry the client's deadline
+unless given `timeout=`; streaming calls have none unless given one. Every
+grpc.RpcError comes out as a `TLServeError`.
+
+This file is the source of both clients: `scripts/gen_sync_client.py` writes the
+synchronous `Client` (`_client.py`) from it by removing `async`/`await` and renaming
+the asyncio types, so the two cannot drift apart. Write a method here and run
+`make sync-client`; never edit `_client.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterable, Iterable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import grpc
 import grpc.aio
 
 from tlserve.client import _common as c
 from tlserve.client._common import ProgressFn, TLServeError
+from tlserve.client._streams import AsyncResponseStream
 from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 from tlserve.client.tlserve.v1 import tlserve_pb2_grpc
 
-T = TypeVar("T")
-
-
-class AsyncResponseStream(Generic[T]):
-    """An async iterator over a server stream that raises TLServeError; `cancel()` ends it early."""
-
-    def __init__(self, call: Any, method: str) -> None:
-        self._call = call
-        self._method = method
-
-    def __aiter__(self) -> AsyncResponseStream[T]:
-        return self
-
-    async def __anext__(self) -> T:
-        try:
-            response = await self._call.read()
-        except grpc.RpcError as err:
-            raise c.error_from_rpc(err, self._method) from err
-        if response is grpc.aio.EOF:
-            raise StopAsyncIteration
-        return response
-
-    def cancel(self) -> None:
-        self._call.cancel()
-
 
 class AsyncClient:
-    """Asyncio client of one tlserve server; arguments as for `Client`."""
+    """Asyncio client of one tlserve server: every method a coroutine (server streams
+    are async iterators) over a grpc.aio channel, created inside the event loop that
+    uses it.
+
+    `timeout` is the default deadline of unary calls in seconds (None: no
+    deadline). `metadata` is sent with every call. `token` is a bearer token
+    for a server started with --auth-tokens-file; `tls` (a `TLS`) connects over
+    TLS, with a client certificate for mutual TLS. A `channel` given by the
+    caller is used as is (its options and credentials are the caller's) and not
+    closed by `close()`.
+
+        AsyncClient("tlserve.example:50051", token=os.environ["TLSERVE_TOKEN"], tls=TLS(ca_file="ca.pem"))
+    """
 
     def __init__(
         self,
@@ -126,11 +119,10 @@ class AsyncClient:
 
     async def wait_until_serving(self, timeout: float, service: str = "") -> None:
         """Polls health until SERVING; raises TLServeError(DEADLINE_EXCEEDED) after `timeout` seconds."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = time.monotonic() + timeout
         last = "no answer"
         while True:
-            left = deadline - loop.time()
+            left = deadline - time.monotonic()
             if left <= 0:
                 raise TLServeError(
                     grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -143,18 +135,19 @@ class AsyncClient:
                     return
             except TLServeError as err:
                 last = str(err)
-            await asyncio.sleep(min(0.2, max(0.0, deadline - loop.time())))
+            await asyncio.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
     # --- server and backbones -------------------------------------------------
 
     async def get_server_info(self, *, timeout: float | None = None) -> pb.ServerInfo:
+        """Server version, devices and ONNX Runtime providers."""
         return await self._unary("GetServerInfo", pb.GetServerInfoRequest(), timeout)
 
     async def list_backbones(
         self, family: str = "", *, cached_only: bool = False, timeout: float | None = None
     ) -> pb.ListBackbonesResponse:
-        request = pb.ListBackbonesRequest(family=family, cached_only=cached_only)
-        return await self._unary("ListBackbones", request, timeout)
+        """Backbones the server can fine-tune, optionally one family or cached weights only."""
+        return await self._unary("ListBackbones", pb.ListBackbonesRequest(family=family, cached_only=cached_only), timeout)
 
     # --- datasets ---------------------------------------------------------------
 
@@ -168,7 +161,7 @@ class AsyncClient:
         progress: ProgressFn | None = None,
         timeout: float | None = None,
     ) -> pb.Dataset:
-        """As `Client.upload_dataset`; zipping and hashing run in a worker thread."""
+        """Uploads an archive file, or a directory zipped on the fly, as dataset `name`."""
         archive = await asyncio.to_thread(c.prepare_archive, path)
         try:
             requests = c.upload_requests(archive, name, c.split_options(split), chunk_size, progress)
@@ -182,19 +175,22 @@ class AsyncClient:
     async def register_dataset(
         self, path: str, name: str, *, split: pb.SplitOptions | None = None, timeout: float | None = None
     ) -> pb.Dataset:
+        """Registers a directory under the server's data root as dataset `name`."""
         request = pb.RegisterDatasetRequest(name=name, path=path, split=c.split_options(split))
         return await self._unary("RegisterDataset", request, timeout)
 
     async def get_dataset(self, dataset: str, *, timeout: float | None = None) -> pb.Dataset:
+        """A dataset by id or name."""
         return await self._unary("GetDataset", pb.GetDatasetRequest(dataset=dataset), timeout)
 
     async def list_datasets(
         self, *, page_size: int = 0, page_token: str = "", timeout: float | None = None
     ) -> pb.ListDatasetsResponse:
-        request = pb.ListDatasetsRequest(page_size=page_size, page_token=page_token)
-        return await self._unary("ListDatasets", request, timeout)
+        """One page of datasets."""
+        return await self._unary("ListDatasets", pb.ListDatasetsRequest(page_size=page_size, page_token=page_token), timeout)
 
     async def delete_dataset(self, dataset: str, *, timeout: float | None = None) -> pb.DeleteDatasetResponse:
+        """Deletes a dataset by id or name."""
         return await self._unary("DeleteDataset", pb.DeleteDatasetRequest(dataset=dataset), timeout)
 
     # --- jobs -------------------------------------------------------------------
@@ -223,7 +219,12 @@ class AsyncClient:
         labels: dict[str, str] | None = None,
         timeout: float | None = None,
     ) -> pb.Job:
-        """As `Client.fine_tune`."""
+        """Queues a fine-tuning job from a full request or from keywords; returns it QUEUED.
+
+        `weights` is a spec ("DEFAULT", "none", "file:PATH", "model:NAME[:V]")
+        or a WeightsSource; epochs, batch_size, learning_rate and optimizer
+        fill `training`, and patience its early stopping (0: every epoch runs).
+        """
         # The keywords are exactly fine_tune_request's; pass them on by name.
         kw = {k: v for k, v in locals().items() if k not in ("self", "request", "timeout")}
         return await self._unary("FineTune", c.fine_tune_request(request, **kw), timeout)
@@ -239,16 +240,18 @@ class AsyncClient:
         page_token: str = "",
         timeout: float | None = None,
     ) -> pb.ListJobsResponse:
+        """One page of jobs, optionally only those in `state` ("running", pb.JOB_STATE_FAILED, ...)."""
         request = pb.ListJobsRequest(
             state=c.enum_value(pb.JobState, state), page_size=page_size, page_token=page_token
         )
         return await self._unary("ListJobs", request, timeout)
 
     async def cancel_job(self, job_id: str, *, timeout: float | None = None) -> pb.Job:
+        """Stops a queued or running job; returns it as it is after the call."""
         return await self._unary("CancelJob", pb.CancelJobRequest(job_id=job_id), timeout)
 
     def watch_job(self, job_id: str, *, timeout: float | None = None) -> AsyncResponseStream[pb.JobEvent]:
-        """Progress events of a job as an async iterator, the latest first."""
+        """Progress events of a job, the latest first; ends at a terminal state."""
         return self._stream("WatchJob", pb.WatchJobRequest(job_id=job_id), timeout)
 
     # --- models -------------------------------------------------------------------
@@ -262,6 +265,7 @@ class AsyncClient:
         page_token: str = "",
         timeout: float | None = None,
     ) -> pb.ListModelsResponse:
+        """One page of model versions, optionally of one model or the latest of each."""
         request = pb.ListModelsRequest(
             name=name, latest_only=latest_only, page_size=page_size, page_token=page_token
         )
@@ -270,6 +274,7 @@ class AsyncClient:
     async def get_model(
         self, model: str | pb.ModelRef, *, version: int | None = None, timeout: float | None = None
     ) -> pb.Model:
+        """A model version: "name" (latest), "name:3" or a ModelRef."""
         return await self._unary("GetModel", pb.GetModelRequest(model=c.model_ref(model, version)), timeout)
 
     async def delete_model(
@@ -280,6 +285,7 @@ class AsyncClient:
         all_versions: bool = False,
         timeout: float | None = None,
     ) -> pb.DeleteModelResponse:
+        """Deletes one version, or every version of a name with `all_versions`."""
         request = pb.DeleteModelRequest(model=c.model_ref(model, version), all_versions=all_versions)
         return await self._unary("DeleteModel", request, timeout)
 
@@ -296,6 +302,7 @@ class AsyncClient:
         calibration: pb.CalibrationOptions | None = None,
         timeout: float | None = None,
     ) -> pb.ModelArtifact:
+        """Exports a model version to ONNX in one precision ("fp32", "fp16", "int8")."""
         request = c.export_request(
             model,
             version=version,
@@ -321,7 +328,7 @@ class AsyncClient:
         progress: ProgressFn | None = None,
         timeout: float | None = None,
     ) -> pb.ModelArtifact:
-        """As `Client.download_model`."""
+        """Downloads an artifact to `dest_path`, verified (size, sha256) and renamed into place."""
         request = c.download_request(
             model,
             version=version,
@@ -352,6 +359,7 @@ class AsyncClient:
         measure_accuracy: bool = False,
         timeout: float | None = None,
     ) -> pb.ModelProfile:
+        """Latency, throughput, memory and size of a model's variants on the server's hardware."""
         request = c.profile_request(
             model,
             version=version,
@@ -372,6 +380,9 @@ class AsyncClient:
         image_size: int = 0,
         timeout: float | None = None,
     ) -> pb.CompareBackbonesResponse:
+        """Linear-probe accuracy and cost of several backbones on one dataset; `weights` is
+        "DEFAULT" (the server's cached pretrained weights) or "NONE", `image_size` 0 each
+        backbone's own."""
         request = pb.CompareBackbonesRequest(
             dataset=dataset,
             backbones=list(backbones),
@@ -397,6 +408,7 @@ class AsyncClient:
         request_id: str = "",
         timeout: float | None = None,
     ) -> pb.PredictResponse:
+        """Top-k labels for each image (encoded file bytes, or a uint8 HWC Tensor)."""
         request = c.predict_request(
             model,
             images,
@@ -416,5 +428,5 @@ class AsyncClient:
         *,
         timeout: float | None = None,
     ) -> AsyncResponseStream[pb.PredictResponse]:
-        """One response per request, in order, as an async iterator."""
-        return self._stream("PredictStream", requests, timeout)
+        """One response per request, in order; a bad request's response has `error` set."""
+        return self._stream("PredictStream", c.request_iterator(requests), timeout)

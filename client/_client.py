@@ -1,4 +1,4 @@
-"""The synchronous tlserve client: one typed method per RPC of tlserve.v1.TLServe.
+"""The synchronous tlserve client, `Client`: one typed method per RPC of tlserve.v1.TLServe.
 
 A backend service creates one `Client` per server address and shares it across
 threads (a gRPC channel is thread-safe):
@@ -8,10 +8,13 @@ threads (a gRPC channel is thread-safe):
         for event in tl.watch_job(job.id):
             print(event.epoch, event.val_accuracy)
 
-Methods take friendly keywords, build the request with the helpers in
-`_common`, and return the generated proto messages. Unary calls carry the
-client's deadline unless given `timeout=`; streaming calls have none unless
-given one. Every grpc.RpcError comes out as a `TLServeError`.
+Methods take friendly keywords, build the request with the helpers in `_common`,
+and return the generated proto messages. Unary calls carry the client's deadline
+unless given `timeout=`; streaming calls have none unless given one. Every
+grpc.RpcError comes out as a `TLServeError`.
+
+Generated from `_aio.py` by scripts/gen_sync_client.py (`make sync-client`): edit
+that file, not this one.
 """
 
 from __future__ import annotations
@@ -19,40 +22,19 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import grpc
 
 from tlserve.client import _common as c
 from tlserve.client._common import ProgressFn, TLServeError
+from tlserve.client._streams import ResponseStream
 from tlserve.client.tlserve.v1 import tlserve_pb2 as pb
 from tlserve.client.tlserve.v1 import tlserve_pb2_grpc
 
-T = TypeVar("T")
-
-
-class ResponseStream(Generic[T]):
-    """An iterator over a server stream that raises TLServeError; `cancel()` ends it early."""
-
-    def __init__(self, call: Any, method: str) -> None:
-        self._call = call
-        self._method = method
-
-    def __iter__(self) -> ResponseStream[T]:
-        return self
-
-    def __next__(self) -> T:
-        try:
-            return next(self._call)
-        except grpc.RpcError as err:
-            raise c.error_from_rpc(err, self._method) from err
-
-    def cancel(self) -> None:
-        self._call.cancel()
-
 
 class Client:
-    """Synchronous client of one tlserve server.
+    """Synchronous client of one tlserve server, safe to share across threads.
 
     `timeout` is the default deadline of unary calls in seconds (None: no
     deadline). `metadata` is sent with every call. `token` is a bearer token
@@ -437,7 +419,10 @@ class Client:
         return self._unary("Predict", request, timeout)
 
     def predict_stream(
-        self, requests: Iterable[pb.PredictRequest], *, timeout: float | None = None
+        self,
+        requests: Iterable[pb.PredictRequest],
+        *,
+        timeout: float | None = None,
     ) -> ResponseStream[pb.PredictResponse]:
         """One response per request, in order; a bad request's response has `error` set."""
-        return self._stream("PredictStream", iter(requests), timeout)
+        return self._stream("PredictStream", c.request_iterator(requests), timeout)

@@ -251,6 +251,12 @@ def parse_model_ref(text: str) -> pb.ModelRef:
     return pb.ModelRef(name=name, version=int(version))
 
 
+def request_iterator(requests: Any) -> Any:
+    """A client stream's requests as the stubs take them: an async iterable as it is
+    (grpc.aio reads it), anything else as an iterator (the sync stub calls next() on it)."""
+    return requests if hasattr(requests, "__aiter__") else iter(requests)
+
+
 def model_ref(model: str | pb.ModelRef, version: int | None = None) -> pb.ModelRef:
     """A ModelRef from a string or a ModelRef; `version`, when given, overrides."""
     ref = parse_model_ref(model) if isinstance(model, str) else pb.ModelRef(name=model.name, version=model.version)

@@ -101,6 +101,44 @@ def test_async_client_works_the_same(live_server):
     assert [b.name for b in backbones.backbones] == ["squeezenet1_0", "squeezenet1_1"]
 
 
+def test_async_client_uploads_trains_watches_downloads_and_streams_predictions(live_server, tmp_path):
+    # The async client is the source the sync one is generated from: every kind of
+    # call it makes (client stream, server stream, unary, a stream consumed into a
+    # file, an async request iterator) once, end to end.
+    import asyncio
+
+    from tlserve.client import pb
+    from tlserve.service.training.synthetic import TARGET_SHAPES, write_image_folder
+
+    folder = write_image_folder(tmp_path / "shapes", TARGET_SHAPES[:2], 6, size=32, seed=6)
+    image = next(folder.glob("*/*.png")).read_bytes()
+
+    async def main():
+        async with tlclient.AsyncClient(live_server.address, timeout=60) as c:
+            dataset = await c.upload_dataset(folder, "aio-shapes")
+            job = await c.fine_tune(dataset=dataset.id, model_name="aio-model", backbone="mobilenet_v3_small",
+                                    weights="none", strategy="feature_extraction", epochs=1, image_size=32)
+            states = [event.state async for event in c.watch_job(job.id)]
+            model = (await c.get_job(job.id)).model
+            artifact = await c.download_model(model.name, tmp_path / "aio.pt", version=model.version, format="pytorch")
+
+            async def requests():
+                for request_id in ("a", "b"):
+                    yield pb.PredictRequest(model=model, images=[pb.ImageInput(encoded=image)], request_id=request_id)
+
+            answers = [r.request_id async for r in c.predict_stream(requests())]
+            with pytest.raises(tlclient.TLServeError) as missing:
+                await c.get_model("aio-no-such-model")
+            return dataset, states, artifact, answers, missing.value
+
+    dataset, states, artifact, answers, missing = asyncio.run(main())
+    assert dataset.name == "aio-shapes" and dataset.image_count == 12
+    assert states[-1] == pb.JOB_STATE_SUCCEEDED
+    assert (tmp_path / "aio.pt").stat().st_size == artifact.size_bytes > 0
+    assert answers == ["a", "b"]
+    assert missing.code == grpc.StatusCode.NOT_FOUND
+
+
 def test_serve_help_lists_every_setting():
     result = tlserve("serve", "--help")
     assert result.returncode == 0

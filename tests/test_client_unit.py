@@ -50,6 +50,24 @@ def test_every_rpc_has_a_sync_and_an_async_method(method):
     assert inspect.iscoroutinefunction(async_method) is expect_coroutine
 
 
+def test_the_sync_client_is_generated_from_the_async_one():
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "gen_sync_client.py")
+    result = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_both_clients_take_the_same_keywords_and_say_the_same():
+    public = sorted(n for n in vars(AsyncClient) if not n.startswith("_"))
+    assert public == sorted(n for n in vars(Client) if not n.startswith("_"))
+    for name in public:
+        sync_params = list(inspect.signature(getattr(Client, name)).parameters)
+        assert list(inspect.signature(getattr(AsyncClient, name)).parameters) == sync_params, name
+        assert getattr(Client, name).__doc__ or not getattr(AsyncClient, name).__doc__, name
+
+
 def test_client_imports_no_heavy_dependencies():
     import subprocess
     import sys
