@@ -335,23 +335,33 @@ def test_gaussian_prototype_stays_finite_with_fewer_images_than_dimensions():
     assert torch.equal((features @ weight.T + bias).argmax(1), labels)  # its own images are nearest their means
 
 
-def test_one_image_per_class_gets_the_isotropic_metric_whatever_its_views_spread():
-    # One image per class, 8 views each that vary along the first 3 dimensions only:
-    # those views say how crops of one image move, not how a class spreads, so the
-    # head must be plain nearest class mean, not a metric that discounts those dimensions.
+def test_one_image_per_class_blends_the_views_metric_with_the_isotropic_one():
+    # One image per class, 8 views each that vary along the first 3 dimensions only.
+    # Whether the class spreads that way too is unknown: the head must hold up both
+    # for test images that differ from the class image as its views do (where plain
+    # nearest class mean stumbles) and for ones that differ elsewhere.
     generator = torch.Generator().manual_seed(4)
-    centres = torch.randn(4, 10, generator=generator) * 3
+    centres = torch.randn(4, 10, generator=generator) * 2.1
     images = torch.arange(4).repeat(8)  # (32,): view v of image i is row v·4 + i
     jitter = torch.zeros(32, 10)
     jitter[:, :3] = torch.randn(32, 3, generator=generator) * 5
     features = centres[images] + jitter
     weight, bias = strategies.gaussian_prototype_weights(features, images, 4, images)
     means = torch.stack([features[images == c].mean(0) for c in range(4)])
-    queries = torch.randn(200, 10, generator=generator) * 4
-    assert torch.equal((queries @ weight.T + bias).argmax(1), torch.cdist(queries, means).argmin(1))
-    # Treating the views as images instead would discount the first 3 dimensions.
-    per_view, per_view_bias = strategies.gaussian_prototype_weights(features, images, 4)
-    assert not torch.equal((queries @ per_view.T + per_view_bias).argmax(1), torch.cdist(queries, means).argmin(1))
+    labels = torch.arange(400) % 4
+    like_views = centres[labels].clone()
+    like_views[:, :3] += torch.randn(400, 3, generator=generator) * 6
+    elsewhere = centres[labels] + torch.cat([torch.zeros(400, 3), torch.randn(400, 7, generator=generator)], dim=1)
+
+    def accuracy(predicted):
+        return (predicted == labels).double().mean().item()
+
+    nearest_mean = accuracy(torch.cdist(like_views, means).argmin(1))
+    assert accuracy((like_views @ weight.T + bias).argmax(1)) >= nearest_mean + 0.05
+    assert accuracy((elsewhere @ weight.T + bias).argmax(1)) >= 0.98
+    # With one view per image there is no spread at all: plain nearest class mean.
+    single, single_bias = strategies.gaussian_prototype_weights(centres, torch.arange(4), 4, torch.arange(4))
+    assert torch.equal((like_views @ single.T + single_bias).argmax(1), torch.cdist(like_views, centres).argmin(1))
 
 
 def test_images_per_class_counts_images_not_views():

@@ -474,9 +474,9 @@ def fit_feature_head(job: _Job, decision: pb.StrategyDecision) -> TrainResult | 
     learning rate to get wrong: on real digits at 3 per class it scored 79 where
     epochs of AdamW at 1e-2 on one cached view scored 72 (docs/benchmarks.md).
 
-    With no class holding two images the head is imprinted with the class means
-    instead (Qi et al. 2018; `gaussian_prototype_weights`): on real one-shot faces the
-    fit scored 4.2 points below the plain frozen-backbone loop, the means 4.6 above."""
+    With no class holding two images the head is the prototype's instead, class means
+    imprinted as weights (Qi et al. 2018; `gaussian_prototype_weights`): on real
+    one-shot faces the fit scored 4.2 points below the plain frozen loop."""
     features, labels, images = _cached_views(job)
     classes = len(job.class_names)
     per_class = strategies.images_per_class(labels, images, classes)
