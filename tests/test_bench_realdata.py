@@ -15,6 +15,7 @@ from bench import realdata, reference
 # name -> (source classes, target classes, target image side, target images)
 EXPECTED = {
     "digits": (5, 5, 8, 896),
+    "mnist": (5, 5, 28, 2500),
     "faces": (5, 2, 25, 200),
     "textures": (5, 3, 32, 768),
 }
