@@ -418,7 +418,10 @@ def test_probe_is_leave_one_out_nearest_mean():
         (1.5, 0.9, pb.STRATEGY_FULL, 5),  # under 2 per class, 5 images or more in all: full
         (1.9, 0.9, pb.STRATEGY_FULL, 5),
         (2, 0.1, pb.STRATEGY_PROGRESSIVE_UNFREEZING, 5),  # 2 to 14 per class, whatever the probe says
-        (3, 0.9, pb.STRATEGY_PROGRESSIVE_UNFREEZING, 5),
+        (2.5, 0.9, pb.STRATEGY_PROGRESSIVE_UNFREEZING, 5),  # 10 images: too few for full in the low band
+        (3, 0.9, pb.STRATEGY_FULL, 5),  # 12 images, under 5.5 per class: full
+        (5.4, 0.1, pb.STRATEGY_FULL, 5),
+        (5.5, 0.9, pb.STRATEGY_PROGRESSIVE_UNFREEZING, 5),
         (14.9, 0.9, pb.STRATEGY_PROGRESSIVE_UNFREEZING, 5),
         (15, 0.9, pb.STRATEGY_FULL, 5),
         (50, 0.9, pb.STRATEGY_FULL, 5),  # small: the probe does not decide
@@ -432,6 +435,13 @@ def test_auto_table(per_class, probe, expected, groups):
     assert decision.strategy == expected and decision.trainable_groups == groups
     assert decision.chance_accuracy == 0.25 and decision.images_per_class == per_class
     assert f"{per_class:.1f} training images per class" in decision.reason
+
+
+def test_auto_in_the_low_band_weighs_the_whole_set():
+    few = strategies.decide(3, 0.9, num_classes=2, groups_below=5)  # 6 images
+    assert few.strategy == pb.STRATEGY_PROGRESSIVE_UNFREEZING
+    enough = strategies.decide(3, 0.9, num_classes=5, groups_below=5)  # 15 images
+    assert enough.strategy == pb.STRATEGY_FULL and "15 images in all (from 12)" in enough.reason
 
 
 def test_auto_reason_states_the_probe_numbers():
