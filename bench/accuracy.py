@@ -311,6 +311,8 @@ def main(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, image_size=args.image_size)
     if args.source_epochs:
         settings = dataclasses.replace(settings, source_epochs=args.source_epochs)
+    if args.source_train:
+        settings = dataclasses.replace(settings, source_train=args.source_train)
     if args.strategies:
         only = tuple(args.strategies.split(","))
         unknown = set(only) - {*STRATEGIES, SCRATCH}
@@ -373,6 +375,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, default=0, help="seeds per size (0: the settings')")
     parser.add_argument("--strategies", default="", help=f"comma-separated subset of {', '.join([*STRATEGIES, SCRATCH])}")
     parser.add_argument("--source-epochs", type=int, default=0, help="epochs of each source model (0: the settings' 15)")
+    parser.add_argument("--source-train", type=int, default=0,
+                        help="source images per class, at most what the set has less 10 for its test (0: the settings' 150)")
     parser.add_argument("--image-size", type=int, default=0, help="input resolution (0: the settings' 32)")
     parser.add_argument("--keep", action="store_true", help="keep the server home and data folders")
     return parser
