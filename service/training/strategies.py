@@ -285,7 +285,7 @@ def gaussian_prototype_weights(
 
     With no class holding two images there is no spread between images to go by, and
     whether a class spreads like one image's augmented views is the data's to say: on
-    real one-shot handwriting it does (the views' metric scored 6 to 8 points above
+    real one-shot handwriting it does (the views' metric scored about 8 points above
     plain nearest class mean), on faces it does not (2.5 below the plain frozen loop,
     the isotropic metric 4.6 above). The head then adds the two discriminants, each
     scaled to unit spread of its scores on the training views: 0.4 to 6.3 points
