@@ -76,6 +76,7 @@ def test_linear_probe_separates_well_separated_classes():
     assert probe.accuracy(val_x, val_y) >= 0.99
     assert probe.weight.shape == (4, 32) and probe.bias.shape == (4,)
     assert probe.weight_decay in strategies.LINEAR_PROBE_WEIGHT_DECAYS
+    assert probe.cross_validated
 
 
 def test_linear_probe_on_random_labels_scores_about_chance():
@@ -122,7 +123,7 @@ def test_probe_weights_go_into_a_head_as_they_are():
 def test_a_class_too_small_for_folds_gets_the_default_weight_decay():
     features, labels = _clusters(8, 4, 8, seed=8)  # 2 images per class, 3 folds
     probe = strategies.fit_linear_probe(features, labels, 4)
-    assert probe.weight_decay == strategies.LINEAR_PROBE_DEFAULT_WEIGHT_DECAY
+    assert probe.weight_decay == strategies.LINEAR_PROBE_DEFAULT_WEIGHT_DECAY and not probe.cross_validated
     assert math.isnan(probe.accuracy(features[:0], labels[:0]))
 
 

@@ -15,7 +15,7 @@ Defaults per strategy (a field the caller set always wins):
 | strategy              | how the head/network is fitted                  | lr    | epochs | warmup | augment |
 | --------------------- | ----------------------------------------------- | ----- | ------ | ------ | ------- |
 | FEATURE_EXTRACTION    | logistic regression on cached views (L-BFGS) ** | -     | -      | -      | 8 views |
-|                       | (one image per class: the class means)          |       |        |        |         |
+|                       | (one image per class: the prototype's head)     |       |        |        |         |
 | PARTIAL (top half)    | AdamW, one rate for every trained layer          | 3e-4  | 15     | 1 ep.* | on      |
 | FULL                  | AdamW, one rate for every layer                  | 3e-4  | 20     | 1 ep.* | on      |
 | PROGRESSIVE (3/phase) | AdamW, one rate                                  | 1e-3  | 15     | 0      | on      |

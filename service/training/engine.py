@@ -488,8 +488,7 @@ def fit_feature_head(job: _Job, decision: pb.StrategyDecision) -> TrainResult | 
     job.progress.phase(pb.JOB_PHASE_TRAINING, f"fitting the head on {len(features)} cached views (logistic regression, L-BFGS)")
     probe = strategies.fit_linear_probe(features.to(job.device), labels, classes, seed=job.config.seed, groups=images)
     strategies.set_head(job.built, probe.weight, probe.bias)
-    folds = int(per_class[per_class > 0].min()) >= strategies.LINEAR_PROBE_FOLDS
-    chosen = "cross-validated" if folds else "the default: too few images per class for folds"
+    chosen = "cross-validated" if probe.cross_validated else "the default: too few images per class for folds"
     job.progress.phase(pb.JOB_PHASE_TRAINING, f"head fitted with L2 strength {probe.weight_decay:g} ({chosen})")
     return finish(job, decision, best_state=None, best_epoch=1, epochs_run=1)
 

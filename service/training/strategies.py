@@ -260,12 +260,27 @@ def ledoit_wolf_shrinkage(z: torch.Tensor) -> float:
     return 0.0 if delta <= 0 else (beta / delta).item()
 
 
+def image_labels(labels: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """(I,) the label of each image, from rows (N,) that are views of images: `labels`
+    (N,) and `images` (N,), the image each row is a view of, numbered 0..I-1."""
+    out = torch.zeros(int(images.max()) + 1 if len(images) else 0, dtype=torch.long, device=images.device)
+    out[images] = labels.to(images.device)
+    return out
+
+
 def images_per_class(labels: torch.Tensor, images: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(C,) the number of distinct images of each class, from rows (N,) that are views of
-    images: `labels` (N,) and `images` (N,), the image each row is a view of."""
-    image_labels = torch.full((int(images.max()) + 1 if len(images) else 0,), -1, dtype=torch.long)
-    image_labels[images.cpu()] = labels.cpu()
-    return torch.bincount(image_labels[image_labels >= 0], minlength=num_classes)
+    """(C,) the number of distinct images of each class (`image_labels`' rows)."""
+    return torch.bincount(image_labels(labels, images), minlength=num_classes)
+
+
+def overall_spread(centred: torch.Tensor) -> torch.Tensor:
+    """The one scale both frozen-feature heads divide every dimension by: the RMS of
+    centred features (N, D), 1 where they are all zero. Each dimension scaled by its
+    own std would blow quiet units (a few images cannot estimate their std) up to the
+    loud ones' size: on real few-shot faces and textures the common scale scored 3 to
+    5 points higher (docs/benchmarks.md)."""
+    scale = centred.pow(2).mean().sqrt()
+    return scale if scale > 0 else torch.ones_like(scale)
 
 
 def gaussian_prototype_weights(
@@ -296,8 +311,7 @@ def gaussian_prototype_weights(
     images = images.to(x.device)
     means, counts = class_means(x, labels, num_classes)  # (C, D), (C,)
     centred = x - means[labels]  # (N, D)
-    scale = centred.pow(2).mean().sqrt()
-    scale = scale if scale > 0 else torch.ones_like(scale)
+    scale = overall_spread(centred)
     z = centred / scale
     dof = max(1, len(x) - int((counts > 0).sum()))
     covariance = z.T @ z / dof  # (D, D), in units of scale²
@@ -305,10 +319,9 @@ def gaussian_prototype_weights(
     image_count = int(images.max()) + 1 if len(images) else 0
     image_means = torch.zeros(image_count, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, images, z)
     image_means /= torch.bincount(images, minlength=image_count).clamp(min=1)[:, None]
-    image_labels = torch.zeros(image_count, dtype=torch.long, device=x.device)
-    image_labels[images] = labels.to(x.device)
-    per_class = images_per_class(labels, images, num_classes).to(x.device)
-    spread = image_means[per_class[image_labels] > 1]  # images of classes with two or more
+    label_of_image = image_labels(labels, images)  # (I,)
+    per_class = torch.bincount(label_of_image, minlength=num_classes)
+    spread = image_means[per_class[label_of_image] > 1]  # images of classes with two or more
 
     def discriminant(alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
         identity = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
@@ -355,6 +368,7 @@ class LinearProbe:
     weight: torch.Tensor  # (C, D)
     bias: torch.Tensor  # (C,)
     weight_decay: float  # the L2 strength it was fitted with
+    cross_validated: bool = False  # chosen by folds (else the default: too few images for folds)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return features.to(self.weight) @ self.weight.T + self.bias  # (N, C)
@@ -392,19 +406,16 @@ def fit_linear_probe(
     own twin in training, and the folds favour too little regularisation)."""
     x = features.float()
     y = labels.to(x.device)
-    if weight_decay is None:
-        weight_decay = _cross_validated_weight_decay(x, y, num_classes, seed, groups)
-    return _fit_probe(x, y, num_classes, weight_decay)
+    if weight_decay is not None:
+        return _fit_probe(x, y, num_classes, weight_decay)
+    chosen = _cross_validated_weight_decay(x, y, num_classes, seed, groups)
+    probe = _fit_probe(x, y, num_classes, LINEAR_PROBE_DEFAULT_WEIGHT_DECAY if chosen is None else chosen)
+    return dataclasses.replace(probe, cross_validated=chosen is not None)
 
 
 def _fit_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float) -> LinearProbe:
     mean = x.mean(dim=0)  # (D,)
-    # One scale for every dimension, the features' overall spread: each dimension scaled
-    # by its own std would blow quiet units (a few images can't estimate their std) up
-    # to the loud ones' size. On real few-shot faces and textures the common scale
-    # scored 3 to 5 points higher (docs/benchmarks.md).
-    std = (x - mean).pow(2).mean().sqrt()
-    std = std if std > 0 else torch.ones_like(std)
+    std = overall_spread(x - mean)
     z = (x - mean) / std  # (N, D)
     weight = torch.zeros(num_classes, x.shape[1], device=x.device, requires_grad=True)
     bias = torch.zeros(num_classes, device=x.device, requires_grad=True)
@@ -442,17 +453,18 @@ def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> torch.Tenso
 
 def _cross_validated_weight_decay(
     x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int, groups: torch.Tensor | None = None
-) -> float:
+) -> float | None:
+    """The L2 strength of the lowest held-out loss, or None where a class has too few
+    images for folds."""
     if groups is None:
         groups = torch.arange(len(y))
     groups = groups.cpu()
-    image_labels = torch.zeros(int(groups.max()) + 1, dtype=torch.long)
-    image_labels[groups] = y.cpu()  # (images,): every view of an image has its label
-    counts = torch.bincount(image_labels, minlength=num_classes)
+    label_of_image = image_labels(y, groups)  # (images,): every view of an image has its label
+    counts = torch.bincount(label_of_image, minlength=num_classes)
     present = counts[counts > 0]
     if len(present) < 2 or int(present.min()) < LINEAR_PROBE_FOLDS:
-        return LINEAR_PROBE_DEFAULT_WEIGHT_DECAY
-    fold = stratified_folds(image_labels, LINEAR_PROBE_FOLDS, seed)[groups].to(x.device)
+        return None
+    fold = stratified_folds(label_of_image, LINEAR_PROBE_FOLDS, seed)[groups].to(x.device)
     best, best_loss = LINEAR_PROBE_DEFAULT_WEIGHT_DECAY, math.inf
     for weight_decay in sorted(LINEAR_PROBE_WEIGHT_DECAYS, reverse=True):  # strongest first: ties keep it
         # Held-out cross-entropy, not accuracy: on a few images per fold accuracy ties
