@@ -61,8 +61,16 @@ RULES: list[tuple[str, str]] = [
     (r"\bcoroutines?\b", lambda m: "method" + ("s" if m.group(0).endswith("s") else "")),
     # `X | X` left by a rename (Iterable[...] | AsyncIterable[...]): one of them.
     (r"(\w[\w.]*\[[\w.]+\]) \| \1(?![\w.\[])", r"\1"),
-    (r"^from collections\.abc import Iterable, Iterable, ", "from collections.abc import Iterable, "),
 ]
+
+
+def _dedupe_import(line: str) -> str:
+    """`from m import A, A, B` (two names that a rename made one) -> `from m import A, B`."""
+    match = re.fullmatch(r"(from \S+ import )(.+)\n", line)
+    if not match:
+        return line
+    names = list(dict.fromkeys(name.strip() for name in match.group(2).split(",")))
+    return match.group(1) + ", ".join(names) + "\n"
 
 CLASS_DOC = (
     '    """Asyncio client of one tlserve server: every method a coroutine (server streams\n'
@@ -82,7 +90,7 @@ def generate(source: str) -> str:
     for line in body.splitlines(keepends=True):
         for pattern, replacement in RULES:
             line = re.sub(pattern, replacement, line)
-        lines.append(line)
+        lines.append(_dedupe_import(line))
     out = DOCSTRING + "".join(lines)
     for left in ("async ", "await ", "asyncio", "Async", "aio"):
         if left in out.replace("_aio.py", ""):
